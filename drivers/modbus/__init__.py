@@ -1,0 +1,1 @@
+"""Modbus TCP driver: config, codec, request planner and the polled driver."""

@@ -1,0 +1,302 @@
+"""Pydantic schemas of field-device payloads: bench telemetry and OCPP-style charger messages.
+
+The models are strict (a string is not a number, 1 is not ``true``) and reject
+NaN and infinity, so every rejection names the field and the reason. Unknown
+extra fields are ignored: gateways add fields over time. OCPP 1.6 sends sampled
+values as strings and 2.0.1 as numbers; :data:`OcppNumber` accepts both.
+
+Timestamps (``ts`` and OCPP ``timestamp``) are ISO 8601 with a zone
+(``2026-06-21T12:00:00.123456Z``) or a number of milliseconds since the epoch;
+both become integer ns since the epoch.
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_NS_PER_US = 1000
+_NS_PER_MS = 1_000_000
+
+
+def parse_ts(value: Any) -> int:
+    """An ISO 8601 string with zone, or epoch milliseconds, as integer ns since the epoch."""
+    if isinstance(value, str):
+        try:
+            dt = datetime.fromisoformat(value)
+        except ValueError:
+            msg = "not an ISO 8601 timestamp"
+            raise ValueError(msg) from None
+        if dt.tzinfo is None:
+            msg = "timestamp has no time zone (add Z or an offset)"
+            raise ValueError(msg)
+        delta = dt - _EPOCH
+        return (
+            delta.days * 86_400 + delta.seconds
+        ) * 1_000_000_000 + delta.microseconds * _NS_PER_US
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        msg = "timestamp must be an ISO 8601 string or epoch milliseconds"
+        raise TypeError(msg)
+    if not math.isfinite(value):
+        msg = "timestamp is not finite"
+        raise ValueError(msg)
+    return int(value * _NS_PER_MS)
+
+
+def format_ts(ts_ns: int) -> str:
+    """ISO 8601 UTC with microseconds, the form the simulator sends (ns are truncated)."""
+    sec, ns = divmod(ts_ns, 1_000_000_000)
+    return datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ns // 1000:06d}Z"
+
+
+def _ocpp_number(value: Any) -> float:
+    """OCPP 1.6 decimal string or 2.0.1 number, finite."""
+    if isinstance(value, str):
+        try:
+            out = float(value)
+        except ValueError:
+            msg = "not a decimal number string"
+            raise ValueError(msg) from None
+    elif isinstance(value, int | float) and not isinstance(value, bool):
+        out = float(value)
+    else:
+        msg = "must be a number or a decimal string"
+        raise TypeError(msg)
+    if not math.isfinite(out):
+        msg = "must be a finite number"
+        raise ValueError(msg)
+    return out
+
+
+TimestampNs = Annotated[int, BeforeValidator(parse_ts)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+OcppNumber = Annotated[float, BeforeValidator(_ocpp_number)]
+Count = Annotated[int, Field(ge=0)]
+
+_STRICT = ConfigDict(strict=True, extra="ignore", frozen=True)
+
+
+class BenchTelemetry(BaseModel):
+    """``field/bench/<id>/telemetry``: one reading of every bench sensor."""
+
+    model_config = _STRICT
+
+    ts: TimestampNs
+    seq: Count
+    pv_w: Finite
+    pv_wh_total: Finite
+    batt_v: Finite
+    batt_soc_pct: Annotated[float, Field(ge=0.0, le=100.0, allow_inf_nan=False)]
+    protect_mode: bool
+    usb_active: Count
+    qi_active: Count
+    sessions_today: Count
+    occupancy: Count | None = None
+    temp_c: Finite
+    rh_pct: Finite
+    pm2_5: Finite | None = None
+    noise_dba: Finite | None = None
+    rssi_dbm: Finite
+
+
+STATUS_16 = Literal[
+    "Available",
+    "Preparing",
+    "Charging",
+    "SuspendedEVSE",
+    "SuspendedEV",
+    "Finishing",
+    "Reserved",
+    "Unavailable",
+    "Faulted",
+]
+STATUS_201 = Literal["Available", "Occupied", "Reserved", "Unavailable", "Faulted"]
+CHARGING_STATE = Literal["Idle", "EVConnected", "Charging", "SuspendedEV", "SuspendedEVSE"]
+
+
+class ChargerStatus(BaseModel):
+    """``field/charger/<id>/status``: 1.6 ``status`` or 2.0.1 ``connectorStatus`` (+ state)."""
+
+    model_config = _STRICT
+
+    ts: TimestampNs
+    seq: Count
+    connectorId: Annotated[int, Field(ge=0)] = 1  # noqa: N815 - OCPP field name
+    evseId: Annotated[int, Field(ge=0)] | None = None  # noqa: N815
+    status: STATUS_16 | None = None
+    connectorStatus: STATUS_201 | None = None  # noqa: N815
+    chargingState: CHARGING_STATE | None = None  # noqa: N815
+    errorCode: str | None = None  # noqa: N815
+
+    @model_validator(mode="after")
+    def _one_status(self) -> ChargerStatus:
+        if (self.status is None) == (self.connectorStatus is None):
+            msg = "exactly one of status (OCPP 1.6) and connectorStatus (2.0.1) is required"
+            raise ValueError(msg)
+        return self
+
+    @property
+    def connector(self) -> int:
+        """The connector the status is about (2.0.1: the EVSE id)."""
+        return self.evseId if self.evseId is not None else self.connectorId
+
+
+class UnitOfMeasure(BaseModel):
+    """OCPP 2.0.1 unit with a power-of-ten multiplier."""
+
+    model_config = _STRICT
+
+    unit: str = "Wh"
+    multiplier: int = 0
+
+
+class SampledValue(BaseModel):
+    """One measurand; ``value`` is a string in 1.6 and a number in 2.0.1."""
+
+    model_config = _STRICT
+
+    value: OcppNumber
+    measurand: str = "Energy.Active.Import.Register"
+    phase: str | None = None
+    unit: str | None = None
+    unitOfMeasure: UnitOfMeasure | None = None  # noqa: N815
+    context: str | None = None
+
+    def scaled(self) -> float:
+        """Value in the channel unit (Wh, W, A, V): applies multiplier and k-prefixes."""
+        value = self.value
+        unit = self.unit
+        if self.unitOfMeasure is not None:
+            value *= 10.0**self.unitOfMeasure.multiplier
+            unit = self.unitOfMeasure.unit
+        if unit in {"kWh", "kW", "kvarh", "kvar", "kVA"}:
+            value *= 1000.0
+        return value
+
+
+class MeterValue(BaseModel):
+    """A timestamped group of sampled values."""
+
+    model_config = _STRICT
+
+    timestamp: TimestampNs
+    sampledValue: list[SampledValue] = Field(min_length=1)  # noqa: N815
+
+
+class ChargerMeter(BaseModel):
+    """``field/charger/<id>/meter``: MeterValues as a gateway forwards them."""
+
+    model_config = _STRICT
+
+    ts: TimestampNs
+    seq: Count
+    connectorId: Annotated[int, Field(ge=0)] = 1  # noqa: N815
+    evseId: Annotated[int, Field(ge=0)] | None = None  # noqa: N815
+    transactionId: int | str | None = None  # noqa: N815
+    meterValue: list[MeterValue] = Field(min_length=1)  # noqa: N815
+
+    @property
+    def connector(self) -> int:
+        """The connector the values are about (2.0.1: the EVSE id)."""
+        return self.evseId if self.evseId is not None else self.connectorId
+
+
+class TransactionV16(BaseModel):
+    """OCPP 1.6 Start/StopTransaction forwarded as ``{"event": "start"|"stop", ...}``."""
+
+    model_config = _STRICT
+
+    ts: TimestampNs
+    seq: Count
+    event: Literal["start", "stop"]
+    connectorId: Annotated[int, Field(ge=1)] = 1  # noqa: N815
+    transactionId: int | str  # noqa: N815
+    idTag: str | None = None  # noqa: N815
+    meterStart: OcppNumber | None = None  # noqa: N815
+    meterStop: OcppNumber | None = None  # noqa: N815
+    reason: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_event(self) -> TransactionV16:
+        if self.event == "start" and (self.idTag is None or self.meterStart is None):
+            msg = "a start needs idTag and meterStart"
+            raise ValueError(msg)
+        if self.event == "stop" and self.meterStop is None:
+            msg = "a stop needs meterStop"
+            raise ValueError(msg)
+        return self
+
+
+class TransactionInfo(BaseModel):
+    """OCPP 2.0.1 TransactionType."""
+
+    model_config = _STRICT
+
+    transactionId: str  # noqa: N815
+    chargingState: CHARGING_STATE | None = None  # noqa: N815
+    stoppedReason: str | None = None  # noqa: N815
+
+
+class IdToken(BaseModel):
+    """OCPP 2.0.1 IdTokenType (personal data: pseudonymised by the driver)."""
+
+    model_config = _STRICT
+
+    idToken: str  # noqa: N815
+    type: str = "ISO14443"
+
+
+class Evse(BaseModel):
+    """OCPP 2.0.1 EVSEType."""
+
+    model_config = _STRICT
+
+    id: Annotated[int, Field(ge=1)]
+    connectorId: Annotated[int, Field(ge=1)] | None = None  # noqa: N815
+
+
+class TransactionV201(BaseModel):
+    """OCPP 2.0.1 TransactionEvent (Started / Updated / Ended)."""
+
+    model_config = _STRICT
+
+    ts: TimestampNs
+    seq: Count
+    eventType: Literal["Started", "Updated", "Ended"]  # noqa: N815
+    transactionInfo: TransactionInfo  # noqa: N815
+    idToken: IdToken | None = None  # noqa: N815
+    evse: Evse | None = None
+    meterValue: list[MeterValue] | None = None  # noqa: N815
+
+    @property
+    def connector(self) -> int:
+        """The EVSE id (connector-level channels are per EVSE)."""
+        return self.evse.id if self.evse is not None else 1
+
+
+def parse_transaction(data: dict[str, Any]) -> TransactionV16 | TransactionV201:
+    """Pick the OCPP version by its marker field (``eventType`` is 2.0.1), then validate."""
+    if "eventType" in data:
+        return TransactionV201.model_validate(data)
+    return TransactionV16.model_validate(data)
+
+
+MEASURANDS: dict[tuple[str, str | None], str] = {
+    ("Energy.Active.Import.Register", None): "energy_wh",
+    ("Power.Active.Import", None): "power_w",
+    ("Power.Offered", None): "power_offered_w",
+    ("Current.Import", "L1"): "current_l1",
+    ("Current.Import", "L2"): "current_l2",
+    ("Current.Import", "L3"): "current_l3",
+    ("Voltage", None): "voltage",
+    ("Voltage", "L1"): "voltage",
+    ("Voltage", "L1-N"): "voltage",
+    ("Frequency", None): "frequency_hz",
+    ("Temperature", None): "temperature_c",
+    ("SoC", None): "soc",
+}
+"""(measurand, phase) -> channel; anything else is counted as ``mqtt_unmapped_measurand``."""

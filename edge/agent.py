@@ -1,0 +1,385 @@
+"""The edge agent: reads every source, batches per device, publishes over the backbone.
+
+One supervisor (``asyncio.TaskGroup``) runs named tasks:
+
+* ``edge[modbus:meter-1].poll`` / ``edge[mqtt:street].stream``: one per source;
+  a failing source is retried with capped backoff and never stalls the others;
+* ``edge.batcher``: publishes a device's batch when it is full or old enough;
+* ``edge.publisher``: moves outbox messages to the broker, freeing them on PUBACK;
+* ``edge.metrics``: publishes self-metrics.
+
+Reading never waits for the network: batches go into the bounded outbox.
+:meth:`Agent.stop` shuts down in order: sources finish the read in progress,
+batches are flushed, the outbox drains (bounded wait), clients close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import random
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from drivers.base import Driver, DriverContext, SampleBatch, driver_class, now_ns
+from edge import payload as wire
+from edge.backbone import Backbone
+from edge.errors import SourceError
+from edge.outbox import MemoryOutbox, OutboxItem
+
+if TYPE_CHECKING:
+    from edge.config import SiteConfig
+
+log = logging.getLogger(__name__)
+
+BACKOFF_MIN_S = 0.5
+BACKOFF_MAX_S = 30.0
+
+
+def backoff(attempt: int, lo: float = BACKOFF_MIN_S, hi: float = BACKOFF_MAX_S) -> float:
+    """Capped exponential backoff with full jitter above a non-zero minimum."""
+    ceiling = min(hi, lo * 2.0 ** min(attempt, 16))
+    return lo + random.random() * (ceiling - lo)  # noqa: S311 - jitter, not a secret
+
+
+@dataclass
+class DeviceBatch:
+    """Samples of one device waiting to be published."""
+
+    parts: list[SampleBatch] = field(default_factory=list)
+    samples: int = 0
+    first_ns: int = 0
+
+
+@dataclass
+class DeviceStats:
+    """What the demo's live table shows per device."""
+
+    samples: int = 0
+    last_value: float = float("nan")
+    last_channel: str = ""
+
+
+class Agent:
+    """One edge agent running the sources of a site file."""
+
+    def __init__(
+        self,
+        site: SiteConfig,
+        *,
+        on_batch: Callable[[SampleBatch], None] | None = None,
+    ) -> None:
+        """Build the series table and the drivers; nothing connects yet."""
+        self.site = site
+        self.table = site.series_table()
+        self.counters: Counter[str] = Counter()
+        self.ctx = DriverContext(
+            site=site.site,
+            dead_letter=self._dead_letter,
+            counters=self.counters,
+            secret=site.secret(),
+        )
+        self.drivers: list[Driver] = [
+            driver_class(source.type)(source, self.table, self.ctx) for source in site.sources
+        ]
+        self.outbox = MemoryOutbox(site.agent.outbox_max_bytes, site.agent.outbox_full)
+        self.stats: dict[tuple[str, str], DeviceStats] = {}
+        self._on_batch = on_batch
+        devices = self.table.devices()
+        dev_index = {d: i for i, d in enumerate(devices)}
+        self._devices = devices
+        self._device_of_series = np.array(
+            [dev_index[(k.area, k.device)] for k in self.table], dtype=np.int32
+        )
+        self._pending: dict[int, DeviceBatch] = {}
+        self._batch_seq = 0
+        self._stopping = asyncio.Event()
+        self._sources_done = asyncio.Event()
+        self._backbone: Backbone | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self.started = asyncio.Event()
+
+    # -- topics --------------------------------------------------------------------------
+
+    @property
+    def agent_id(self) -> str:
+        """This agent's id from the site file."""
+        return self.site.agent.id
+
+    def _status_payload(self, state: str) -> bytes:
+        return wire.encode_json(
+            {
+                "schema": wire.STATUS_SCHEMA,
+                "agent": self.agent_id,
+                "state": state,
+                "ts": now_ns(),
+                "outbox_full": self.outbox.full,
+            }
+        )
+
+    # -- run -----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Run until :meth:`stop` is called; returns after an orderly shutdown."""
+        status_topic = wire.agent_topic(self.site.site, self.agent_id, "status")
+        backbone = Backbone(
+            self.site.broker,
+            client_id=f"tpo-agent-{self.site.site}-{self.agent_id}",
+            will=(status_topic, self._status_payload("offline")),
+            password=self.site.broker.password(),
+        )
+        self._backbone = backbone
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._connect_backbone(backbone, status_topic), name="edge.connect")
+                sources = [
+                    tg.create_task(self._run_source(d), name=f"edge[{_name(d)}].source")
+                    for d in self.drivers
+                ]
+                batcher = tg.create_task(self._batcher(), name="edge.batcher")
+                publisher = tg.create_task(self._publisher(backbone), name="edge.publisher")
+                metrics = tg.create_task(self._metrics(backbone), name="edge.metrics")
+                self.started.set()
+                await self._stopping.wait()
+                # 1. sources: polled ones finish the read in progress; pushed ones are cancelled.
+                await asyncio.gather(*sources, return_exceptions=True)
+                self._sources_done.set()
+                # 2. pipeline drain: every pending device batch into the outbox.
+                batcher.cancel()
+                await self._flush(force=True)
+                # 3. outbox flush, bounded: what is not acknowledged by then is counted lost.
+                try:
+                    async with asyncio.timeout(15.0):
+                        await self.outbox.drained()
+                except TimeoutError:
+                    self.counters["shutdown_unacked_messages"] += self.outbox.depth
+                    log.warning("stopping with %d messages unacknowledged", self.outbox.depth)
+                publisher.cancel()
+                metrics.cancel()
+                if backbone.connected.is_set():
+                    await _quietly(backbone.publish(status_topic, self._status_payload("offline"), retain=True))
+        finally:
+            # 4. clients closed.
+            await backbone.close()
+
+    def stop(self) -> None:
+        """Ask for an orderly shutdown (safe from signal handlers)."""
+        self._stopping.set()
+
+    async def _connect_backbone(self, backbone: Backbone, status_topic: str) -> None:
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await backbone.connect()
+            except Exception as exc:
+                log.warning("agent %s: backbone not reachable: %s", self.agent_id, exc)
+                self.counters["backbone_connect_failures"] += 1
+                await self._sleep(backoff(attempt))
+                attempt += 1
+                continue
+            await backbone.publish(status_topic, self._status_payload("online"), retain=True)
+            log.info("agent %s online at %s:%s", self.agent_id, backbone.config.host, backbone.config.port)
+            return
+
+    async def _sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopping.wait()
+
+    # -- sources ---------------------------------------------------------------------------
+
+    async def _run_source(self, driver: Driver) -> None:
+        name = _name(driver)
+        attempt = 0
+        while not self._stopping.is_set():
+            try:
+                await driver.connect()
+            except SourceError as exc:
+                (log.warning if attempt == 0 else log.debug)("%s: %s", name, exc)
+                self.counters[f"connect_failures.{name}"] += 1
+                await self._sleep(backoff(attempt))
+                attempt += 1
+                continue
+            if attempt:
+                log.info("%s: connected after %d attempts", name, attempt)
+            attempt = 0
+            try:
+                if driver.polled:
+                    await self._poll(driver)
+                else:
+                    await self._stream(driver)
+            except SourceError as exc:
+                log.warning("%s: %s; reconnecting", name, exc)
+                self.counters[f"source_errors.{name}"] += 1
+            finally:
+                await driver.close()
+
+    async def _poll(self, driver: Driver) -> None:
+        interval = float(getattr(driver.config, "poll_interval_s", 1.0))
+        loop = asyncio.get_running_loop()
+        due = loop.time()
+        while not self._stopping.is_set():
+            await self._accept(await driver.read_batch())
+            due += interval
+            late = loop.time() - due
+            if late > 0:
+                self.counters[f"poll_overruns.{_name(driver)}"] += 1
+                due = loop.time()
+            await self._sleep(max(0.0, due - loop.time()))
+
+    async def _stream(self, driver: Driver) -> None:
+        stream = driver.stream()
+        next_batch = asyncio.ensure_future(anext(stream))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            while True:
+                done, _ = await asyncio.wait({next_batch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                if next_batch in done:
+                    try:
+                        batch = next_batch.result()
+                    except StopAsyncIteration:
+                        return
+                    await self._accept(batch)
+                    next_batch = asyncio.ensure_future(anext(stream))
+                if stopping in done:
+                    return
+        finally:
+            next_batch.cancel()
+            stopping.cancel()
+            with contextlib.suppress(Exception):
+                await stream.aclose()  # type: ignore[attr-defined]
+
+    async def _accept(self, batch: SampleBatch) -> None:
+        """Take a driver batch: split by device into the pending device batches."""
+        if not len(batch):
+            return
+        self.counters["samples_read"] += len(batch)
+        if self._on_batch is not None:
+            self._on_batch(batch)
+        device = self._device_of_series[batch.series]
+        order = np.argsort(device, kind="stable")
+        bounds = np.flatnonzero(np.diff(device[order])) + 1
+        now = now_ns()
+        full: list[int] = []
+        for rows in np.split(order, bounds):
+            dev = int(device[rows[0]])
+            part = batch.take(rows)
+            pending = self._pending.setdefault(dev, DeviceBatch())
+            if not pending.parts:
+                pending.first_ns = now
+            pending.parts.append(part)
+            pending.samples += len(part)
+            stats = self.stats.setdefault(self._devices[dev], DeviceStats())
+            stats.samples += len(part)
+            stats.last_value = float(part.value[-1])
+            stats.last_channel = self.table[int(part.series[-1])].channel
+            if pending.samples >= self.site.agent.batch_max_samples:
+                full.append(dev)
+        for dev in full:
+            await self._publish_device(dev)
+
+    # -- batching and publishing -------------------------------------------------------------
+
+    async def _batcher(self) -> None:
+        tick = min(0.1, self.site.agent.batch_max_age_s / 4)
+        while True:
+            await asyncio.sleep(tick)
+            await self._flush(force=False)
+
+    async def _flush(self, *, force: bool) -> None:
+        max_age = int(self.site.agent.batch_max_age_s * 1e9)
+        now = now_ns()
+        for dev, pending in list(self._pending.items()):
+            if pending.parts and (force or now - pending.first_ns >= max_age):
+                await self._publish_device(dev)
+
+    async def _publish_device(self, dev: int) -> None:
+        pending = self._pending.pop(dev)
+        batch = SampleBatch.concat(pending.parts)
+        area, device = self._devices[dev]
+        limit = self.site.agent.batch_max_samples
+        for start in range(0, len(batch), limit):
+            part = batch.take(slice(start, start + limit))
+            self._batch_seq += 1
+            data = wire.encode_samples(part, self.table, agent_id=self.agent_id, batch_seq=self._batch_seq)
+            topic = wire.device_topic(self.site.site, area, device, "data")
+            await self.outbox.put(OutboxItem(topic, data, len(part)))
+
+    async def _publisher(self, backbone: Backbone) -> None:
+        window = asyncio.Semaphore(100)
+        while True:
+            item = await self.outbox.take()
+            await backbone.connected.wait()
+            await window.acquire()
+            fut = backbone.publish(item.topic, item.payload, qos=self.site.broker.qos, retain=item.retain)
+            fut.add_done_callback(lambda f, it=item: self._acked(f, it, window))
+
+    def _acked(self, fut: asyncio.Future[None], item: OutboxItem, window: asyncio.Semaphore) -> None:
+        window.release()
+        if fut.cancelled() or fut.exception() is not None:
+            self.counters["publish_failures"] += 1
+            asyncio.ensure_future(self.outbox.requeue(item))  # noqa: RUF006 - awaited via drained()
+            return
+        self.counters["messages_published"] += 1
+        self.counters["samples_published"] += item.samples
+        asyncio.ensure_future(self.outbox.done(item))  # noqa: RUF006 - awaited via drained()
+
+    # -- dead letters and self-metrics -------------------------------------------------------
+
+    def _dead_letter(self, source: str, raw: bytes, reason: str) -> None:
+        """Publish unusable input with its reason on the dead-letter topic (never blocks)."""
+        self.counters["dead_letters"] += 1
+        doc = {
+            "schema": wire.DEADLETTER_SCHEMA,
+            "agent": self.agent_id,
+            "source": source,
+            "reason": reason,
+            "ts": now_ns(),
+            "payload_b64": base64.b64encode(raw[:65536]).decode(),
+            "payload_bytes": len(raw),
+        }
+        safe = source.replace("+", "_").replace("#", "_").strip("/")
+        topic = wire.deadletter_topic(self.site.site, self.agent_id, safe)
+        task = asyncio.get_running_loop().create_task(
+            self.outbox.put(OutboxItem(topic, wire.encode_json(doc), 0))
+        )
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    def metrics(self) -> dict[str, float]:
+        """Self-metrics: counters, outbox depth and bytes, drops by reason, reconnects."""
+        out: dict[str, float] = {k: float(v) for k, v in self.counters.items()}
+        out["outbox_depth"] = self.outbox.depth
+        out["outbox_bytes"] = self.outbox.nbytes
+        out["outbox_full"] = float(self.outbox.full)
+        out["outbox_dropped_samples"] = self.outbox.dropped_samples
+        for reason, n in self.outbox.drops.items():
+            out[f"drops.{reason}"] = n
+        if self._backbone is not None:
+            out["backbone_reconnects"] = self._backbone.reconnects
+        return out
+
+    async def _metrics(self, backbone: Backbone) -> None:
+        topic = wire.agent_topic(self.site.site, self.agent_id, "metrics")
+        while True:
+            await asyncio.sleep(self.site.agent.metrics_interval_s)
+            if backbone.connected.is_set():
+                doc = {"schema": wire.METRICS_SCHEMA, "agent": self.agent_id, "ts": now_ns()}
+                doc["metrics"] = self.metrics()  # type: ignore[assignment]
+                backbone.publish(topic, wire.encode_json(doc), qos=0)
+
+
+def _name(driver: Driver) -> str:
+    return f"{driver.config.type}:{driver.config.device}"
+
+
+async def _quietly(fut: asyncio.Future[None], timeout_s: float = 2.0) -> None:
+    with contextlib.suppress(Exception):
+        async with asyncio.timeout(timeout_s):
+            await fut

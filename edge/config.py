@@ -1,0 +1,200 @@
+"""The site file: one YAML per site describing the agent, its sources, broker, database and KPIs.
+
+Loaded with :func:`load_site`; every error names its YAML path and line
+(:mod:`edge.yamlpath`). Secrets never live in the file: fields ending in
+``_env`` name the environment variable that holds them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from drivers.base import SeriesKey, SeriesTable
+from drivers.modbus.config import ModbusSource
+from drivers.mqtt.config import MqttFieldSource
+from drivers.opcua.config import OpcUaSource
+from edge.errors import ConfigError
+from edge.yamlpath import load_model
+
+NAME = r"^[A-Za-z0-9_.\-]+$"
+"""Names that appear in topics and tags: no '/', '+', '#', spaces or commas."""
+
+
+class Model(BaseModel):
+    """Base of every config model: unknown keys are errors, values are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TlsConfig(Model):
+    """TLS towards the broker; paths to PEM files (kept outside the repo)."""
+
+    ca_file: Path
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _pair(self) -> Self:
+        if (self.cert_file is None) != (self.key_file is None):
+            msg = "cert_file and key_file go together (client certificate authentication)"
+            raise ValueError(msg)
+        return self
+
+
+class BrokerConfig(Model):
+    """The MQTT backbone broker."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password_env: str | None = None
+    """Name of the environment variable holding the password."""
+    tls: TlsConfig | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    qos: Literal[0, 1] = 1
+
+    def password(self) -> str | None:
+        """The password from the environment, or None."""
+        return _env_secret(self.password_env, "broker.password_env")
+
+
+class AgentConfig(Model):
+    """One edge agent (one per hall or cell)."""
+
+    id: str = Field(pattern=NAME)
+    batch_max_samples: int = Field(default=5000, ge=1, le=100_000)
+    """A device's batch is published when it holds this many samples..."""
+    batch_max_age_s: float = Field(default=0.5, gt=0, le=60)
+    """...or when its oldest sample is this old."""
+    outbox_max_bytes: int = Field(default=64 * 2**20, ge=2**16)
+    """Bound of the outbox of unacknowledged messages."""
+    outbox_full: Literal["drop_oldest", "stop_reading"] = "drop_oldest"
+    """What happens when the outbox is full; either way it is counted and raised as a status alarm."""
+    metrics_interval_s: float = Field(default=5.0, gt=0)
+
+
+class DatabaseConfig(Model):
+    """Where ingest writes: InfluxDB (v1 or v2 API) or a local SQLite store."""
+
+    kind: Literal["influxdb_v1", "influxdb_v2", "sqlite"] = "influxdb_v1"
+    url: str = "http://127.0.0.1:8086"
+    database: str = Field(default="tpo", pattern=NAME)
+    """v1 database (or the v1-compatibility mapping of a v2 bucket)."""
+    username: str | None = None
+    password_env: str | None = None
+    org: str | None = None
+    bucket: str | None = None
+    token_env: str | None = None
+    path: Path = Path("tpo-edge.sqlite")
+    """File of the SQLite store."""
+    batch_points: int = Field(default=5000, ge=1, le=100_000)
+    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    gzip: bool = True
+
+    @model_validator(mode="after")
+    def _v2_needs(self) -> Self:
+        if self.kind == "influxdb_v2" and not (self.org and self.bucket and self.token_env):
+            msg = "influxdb_v2 needs org, bucket and token_env"
+            raise ValueError(msg)
+        return self
+
+
+class IngestConfig(Model):
+    """The ingest service that moves backbone messages into the database."""
+
+    client_id: str = Field(default="tpo-ingest", pattern=NAME)
+    share_group: str | None = Field(default=None, pattern=NAME)
+    """MQTT 5 shared-subscription group for several workers (``$share/<group>/...``)."""
+
+
+class KpiConfig(Model):
+    """Windows and thresholds of the KPI core."""
+
+    enabled: bool = True
+    windows_s: tuple[float, ...] = (10.0,)
+    allowed_lateness_s: float = Field(default=2.0, ge=0)
+    deadlines_ms: tuple[float, ...] = (10.0, 50.0)
+    survival_time_ms: float = Field(default=0.0, ge=0)
+    transfer_interval_ms: float | None = Field(default=None, gt=0)
+
+
+Source = Annotated[ModbusSource | OpcUaSource | MqttFieldSource, Field(discriminator="type")]
+
+
+class SiteConfig(Model):
+    """A whole site file."""
+
+    site: str = Field(pattern=NAME)
+    secret_env: str = "TPO_SITE_SECRET"
+    """Environment variable with the site secret that keys idTag pseudonyms."""
+    agent: AgentConfig
+    broker: BrokerConfig = BrokerConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    ingest: IngestConfig = IngestConfig()
+    kpi: KpiConfig = KpiConfig()
+    sources: tuple[Source, ...]
+
+    @field_validator("sources", mode="after")
+    @classmethod
+    def _some_sources(cls, sources: tuple[Source, ...]) -> tuple[Source, ...]:
+        # Checked here, not with min_length: pydantic would also report a too-short
+        # tuple whenever one entry fails, burying the real error.
+        if not sources:
+            msg = "a site needs at least one source"
+            raise ValueError(msg)
+        return sources
+
+    @model_validator(mode="after")
+    def _unique_series(self) -> Self:
+        seen: dict[tuple[str, str, str], int] = {}
+        for i, source in enumerate(self.sources):
+            for spec in source.channel_specs():
+                ident = (source.area, spec.device, spec.channel)
+                if ident in seen and seen[ident] != i:
+                    msg = (
+                        f"device {spec.device!r} channel {spec.channel!r} in area "
+                        f"{source.area!r} is also produced by sources[{seen[ident]}]"
+                    )
+                    raise ValueError(msg)
+                seen[ident] = i
+        return self
+
+    def series_table(self) -> SeriesTable:
+        """The series table of this site: every channel of every source, in file order."""
+        table = SeriesTable()
+        for source in self.sources:
+            for spec in source.channel_specs():
+                table.add(
+                    SeriesKey(
+                        site=self.site,
+                        area=source.area,
+                        device=spec.device,
+                        channel=spec.channel,
+                        unit=spec.unit,
+                        kind=source.type,
+                        codes=spec.codes,
+                    )
+                )
+        return table
+
+    def secret(self) -> bytes:
+        """The site secret from the environment (empty when unset)."""
+        return os.environ.get(self.secret_env, "").encode()
+
+
+def _env_secret(var: str | None, where: str) -> str | None:
+    if var is None:
+        return None
+    value = os.environ.get(var)
+    if value is None:
+        raise ConfigError("environment", [(where, None, f"environment variable {var} is not set")])
+    return value
+
+
+def load_site(path: Path) -> SiteConfig:
+    """Load and validate a site file; raises ConfigError with every problem found."""
+    return load_model(SiteConfig, path)
