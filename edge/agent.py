@@ -45,7 +45,7 @@ BACKOFF_MAX_S = 30.0
 def backoff(attempt: int, lo: float = BACKOFF_MIN_S, hi: float = BACKOFF_MAX_S) -> float:
     """Capped exponential backoff with full jitter above a non-zero minimum."""
     ceiling = min(hi, lo * 2.0 ** min(attempt, 16))
-    return lo + random.random() * (ceiling - lo)  # noqa: S311 - jitter, not a secret
+    return lo + random.random() * (ceiling - lo)
 
 
 @dataclass
@@ -163,7 +163,9 @@ class Agent:
                 publisher.cancel()
                 metrics.cancel()
                 if backbone.connected.is_set():
-                    await _quietly(backbone.publish(status_topic, self._status_payload("offline"), retain=True))
+                    await _quietly(
+                        backbone.publish(status_topic, self._status_payload("offline"), retain=True)
+                    )
         finally:
             # 4. clients closed.
             await backbone.close()
@@ -184,7 +186,12 @@ class Agent:
                 attempt += 1
                 continue
             await backbone.publish(status_topic, self._status_payload("online"), retain=True)
-            log.info("agent %s online at %s:%s", self.agent_id, backbone.config.host, backbone.config.port)
+            log.info(
+                "agent %s online at %s:%s",
+                self.agent_id,
+                backbone.config.host,
+                backbone.config.port,
+            )
             return
 
     async def _sleep(self, seconds: float) -> None:
@@ -239,7 +246,9 @@ class Agent:
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
-                done, _ = await asyncio.wait({next_batch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {next_batch, stopping}, return_when=asyncio.FIRST_COMPLETED
+                )
                 if next_batch in done:
                     try:
                         batch = next_batch.result()
@@ -307,7 +316,9 @@ class Agent:
         for start in range(0, len(batch), limit):
             part = batch.take(slice(start, start + limit))
             self._batch_seq += 1
-            data = wire.encode_samples(part, self.table, agent_id=self.agent_id, batch_seq=self._batch_seq)
+            data = wire.encode_samples(
+                part, self.table, agent_id=self.agent_id, batch_seq=self._batch_seq
+            )
             topic = wire.device_topic(self.site.site, area, device, "data")
             await self.outbox.put(OutboxItem(topic, data, len(part)))
 
@@ -317,10 +328,14 @@ class Agent:
             item = await self.outbox.take()
             await backbone.connected.wait()
             await window.acquire()
-            fut = backbone.publish(item.topic, item.payload, qos=self.site.broker.qos, retain=item.retain)
+            fut = backbone.publish(
+                item.topic, item.payload, qos=self.site.broker.qos, retain=item.retain
+            )
             fut.add_done_callback(lambda f, it=item: self._acked(f, it, window))
 
-    def _acked(self, fut: asyncio.Future[None], item: OutboxItem, window: asyncio.Semaphore) -> None:
+    def _acked(
+        self, fut: asyncio.Future[None], item: OutboxItem, window: asyncio.Semaphore
+    ) -> None:
         window.release()
         if fut.cancelled() or fut.exception() is not None:
             self.counters["publish_failures"] += 1

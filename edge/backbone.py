@@ -135,7 +135,7 @@ class Backbone:
         self._closing = True
         try:
             self._client.disconnect()
-        except Exception as exc:  # noqa: BLE001 - teardown goes on past a failing step
+        except Exception as exc:
             log.debug("disconnect from %s failed: %s", self.client_id, exc)
         await asyncio.to_thread(self._client.loop_stop)
         with self._lock:

@@ -68,15 +68,19 @@ def check(
     """Validate a site file; list every error with its YAML path and line."""
     site = _load(site_file)
     table = site.series_table()
-    print(f"{site_file}: ok: site {site.site}, agent {site.agent.id}, "
-          f"{len(site.sources)} sources, {len(table)} series")
+    print(
+        f"{site_file}: ok: site {site.site}, agent {site.agent.id}, "
+        f"{len(site.sources)} sources, {len(table)} series"
+    )
     if plan:
         from drivers.modbus.config import ModbusSource  # noqa: PLC0415
         from drivers.modbus.planner import describe_plan  # noqa: PLC0415
 
         for source in site.sources:
             if isinstance(source, ModbusSource):
-                print(f"modbus {source.device} ({source.host}:{source.port} unit {source.unit_id}):")
+                print(
+                    f"modbus {source.device} ({source.host}:{source.port} unit {source.unit_id}):"
+                )
                 for line in describe_plan(source):
                     print(f"  {line}")
 
@@ -84,7 +88,9 @@ def check(
 @app.command()
 def read(
     config: SiteOption,
-    once: Annotated[bool, typer.Option("--once", help="Read every source once, then exit.")] = False,
+    once: Annotated[
+        bool, typer.Option("--once", help="Read every source once, then exit.")
+    ] = False,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for pushed sources.")] = 5.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
@@ -185,9 +191,13 @@ def demo(
 
 @app.command()
 def analyze(
-    trace: Annotated[Path, typer.Argument(help="CSV or JSON-lines trace: seq,t_send_ns,t_recv_ns,size.")],
+    trace: Annotated[
+        Path, typer.Argument(help="CSV or JSON-lines trace: seq,t_send_ns,t_recv_ns,size.")
+    ],
     deadline: Annotated[float, typer.Option("--deadline", help="Deadline D in ms.")] = 10.0,
-    survival_time: Annotated[float, typer.Option("--survival-time", help="Survival time in ms.")] = 0.0,
+    survival_time: Annotated[
+        float, typer.Option("--survival-time", help="Survival time in ms.")
+    ] = 0.0,
     transfer_interval: Annotated[
         float | None, typer.Option("--transfer-interval", help="Transfer interval in ms.")
     ] = None,

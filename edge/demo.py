@@ -82,7 +82,9 @@ class Demo:
             campus = Campus(self.scenario, truth, broker=(broker_host, broker_port))
             await campus.start(paused=True)
             stack.push_async_callback(campus.stop)
-            site = campus.patch_site(self.site, broker=(broker_host, broker_port), database=self.site.database)
+            site = campus.patch_site(
+                self.site, broker=(broker_host, broker_port), database=self.site.database
+            )
             ingest = Ingest(site, sink, client_id=f"tpo-demo-ingest-{time.time_ns()}")
             ingest_task = asyncio.create_task(ingest.run(), name="demo.ingest")
             await asyncio.wait_for(ingest.ready.wait(), 15)
@@ -116,7 +118,9 @@ class Demo:
                 "duration_s": round(time.monotonic() - t0, 3),
                 "broker": broker_kind,
                 "database": db_kind,
-                "per_device": {f"{a}/{d}": n for (a, d), n in sorted(ingest.stats.per_device.items())},
+                "per_device": {
+                    f"{a}/{d}": n for (a, d), n in sorted(ingest.stats.per_device.items())
+                },
             }
         del broker, database
         if self._tmp is not None:
@@ -186,12 +190,18 @@ class Demo:
     def _table(agent: Agent, ingest: Ingest, last: dict[Any, int], dt: float) -> Table:
         table = Table(title="tpo-edge demo: live")
         for col in ("area", "device", "samples/s", "last channel", "last value", "lag ms"):
-            table.add_column(col, justify="right" if col in {"samples/s", "last value", "lag ms"} else "left")
+            table.add_column(
+                col, justify="right" if col in {"samples/s", "last value", "lag ms"} else "left"
+            )
         for (area, device), stats in sorted(agent.stats.items()):
             rate = (stats.samples - last.get((area, device), 0)) / max(dt, 1e-6)
             lag = ingest.stats.last_lag_ms.get((area, device))
             table.add_row(
-                area, device, f"{rate:,.0f}", stats.last_channel, f"{stats.last_value:.6g}",
+                area,
+                device,
+                f"{rate:,.0f}",
+                stats.last_channel,
+                f"{stats.last_value:.6g}",
                 "-" if lag is None else f"{lag:.0f}",
             )
         m = agent.metrics()

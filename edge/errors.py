@@ -45,3 +45,7 @@ class DecodeError(SourceError):
 
 class SinkError(EdgeError):
     """The backbone broker or the database rejected or lost a write."""
+
+
+class SinkRejectedError(SinkError):
+    """The database refused (part of) a write for good; sending the same lines again cannot help."""

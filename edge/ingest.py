@@ -74,7 +74,11 @@ def samples_to_lines(msg: wire.DecodedSamples) -> lp.Encoded:
         msg.ch,
         ts,
         float_fields={"value": msg.value},
-        int_fields={"quality": msg.quality.astype(np.int64), "seq": seq, "received_ns": msg.ts_receive},
+        int_fields={
+            "quality": msg.quality.astype(np.int64),
+            "seq": seq,
+            "received_ns": msg.ts_receive,
+        },
         int_absent=INT_ABSENT,
     )
 
@@ -141,7 +145,9 @@ class Ingest:
             while True:
                 timeout = max(0.0, deadline - loop.time())
                 getter = asyncio.ensure_future(backbone.messages.get())
-                done, _ = await asyncio.wait({getter, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                done, _ = await asyncio.wait(
+                    {getter, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
                 if getter in done:
                     message = getter.result()
                     encoded = self._encode(message)
@@ -174,7 +180,11 @@ class Ingest:
         except DecodeError as exc:
             return self._reject(message, f"{exc}")
         parts = message.topic.split("/")
-        if len(parts) != 6 or (parts[2], parts[3], parts[4]) != (decoded.site, decoded.area, decoded.device):
+        if len(parts) != 6 or (parts[2], parts[3], parts[4]) != (
+            decoded.site,
+            decoded.area,
+            decoded.device,
+        ):
             names = f"{decoded.site}/{decoded.area}/{decoded.device}"
             return self._reject(message, f"topic does not match the payload's {names}")
         encoded = samples_to_lines(decoded)
@@ -188,8 +198,10 @@ class Ingest:
 
     def _reject(self, message: Message, reason: str) -> lp.Encoded:
         first = not self.stats.rejected
-        self.stats.rejected[reason.split(":")[0]] += 1
-        (log.warning if first else log.debug)("ingest: rejected message on %s: %s", message.topic, reason)
+        self.stats.rejected[reason.split(":", maxsplit=1)[0]] += 1
+        (log.warning if first else log.debug)(
+            "ingest: rejected message on %s: %s", message.topic, reason
+        )
         return deadletter_line(self.site.site, message.topic, reason, len(message.payload))
 
     async def _write(self, data: bytes, points: int) -> None:
@@ -202,7 +214,9 @@ class Ingest:
                 # The sink already retried transient errors; keep the messages unacknowledged
                 # and try again, so the broker holds them meanwhile.
                 attempt += 1
-                log.warning("ingest: write of %d points failed (attempt %d): %s", points, attempt, exc)
+                log.warning(
+                    "ingest: write of %d points failed (attempt %d): %s", points, attempt, exc
+                )
                 await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
                 continue
             self.stats.points += points

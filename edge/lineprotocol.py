@@ -1,11 +1,11 @@
-"""Vectorised InfluxDB line-protocol encoder.
+r"""Vectorised InfluxDB line-protocol encoder.
 
-One line per row: ``measurement,<tag set> f1=1.5,f2=3i <ts>\\n``. Every piece of
+One line per row: ``measurement,<tag set> f1=1.5,f2=3i <ts>\n``. Every piece of
 a line (measurement and tag set, field keys, digits, timestamp) is written as a
 fixed-width block of bytes into a ``(rows, width)`` matrix next to a boolean
 "keep" mask; the line protocol is then ``matrix[keep]``, because numpy's boolean
 selection walks row by row. No Python object is made per point, except for
-floats outside the fast decimal path (see :func:`_float_blocks`).
+floats of magnitude below 1e-4 (see :func:`_float_blocks`).
 
 Output is byte-identical to influxdb-client's ``Point.to_line_protocol()`` for
 the same point (fields sorted by key, floats in Python's shortest ``repr`` with
@@ -18,16 +18,22 @@ InfluxDB version reads back unchanged (see :func:`escape_tag`).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
+import orjson
+from numpy.lib.stride_tricks import sliding_window_view
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
 
 INT64_MIN = int(np.iinfo(np.int64).min)
 """Default marker of an absent int field value."""
 
+_FLOAT_WIDTH = 24  # the longest repr of a double: -2.2250738585072014e-308
 _CHUNK_ROWS = 16384  # keeps the byte matrix of one chunk (a few MB) in cache
 _EMPTY: Mapping[str, npt.NDArray[np.float64]] = MappingProxyType({})
 _EMPTY_INT: Mapping[str, npt.NDArray[np.int64]] = MappingProxyType({})
@@ -81,9 +87,7 @@ def escape_tag(s: str) -> str:
 
 def tag_set(tags: Mapping[str, str]) -> str:
     """The escaped tag set ``k1=v1,k2=v2`` sorted by key; empty keys or values are left out."""
-    return ",".join(
-        f"{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if k and v
-    )
+    return ",".join(f"{escape_tag(k)}={escape_tag(v)}" for k, v in sorted(tags.items()) if k and v)
 
 
 # --- digits ---------------------------------------------------------------------------
@@ -157,62 +161,50 @@ def _int_blocks(
 
 
 def _float_blocks(b: _Blocks, x: npt.NDArray[np.float64], present: npt.NDArray[np.bool_]) -> None:
-    """Floats exactly as influxdb-client writes them: shortest ``repr``, ``.0`` dropped.
+    """Floats exactly as influxdb-client writes them: Python's ``repr``, ``.0`` dropped.
 
-    Fast path: a value x in [1e-4, 1e15) (or zero) that equals r / 10**k for an integer
-    r < 1e15 and the smallest such k is written as r with the point k digits from the
-    right. Division of two exact doubles is correctly rounded, so the text reads back as x;
-    with at most 15 significant digits no other decimal of that length reads back as x, so
-    it is also what ``repr`` prints. Everything else (exponent notation, 16-17 digits)
-    goes through ``float.__repr__``.
+    orjson prints the shortest text that reads back as the same double (like ``repr``)
+    and, for ``abs(x) >= 1e-4``, in the same notation as ``repr``; it does a whole
+    array in C. Below 1e-4 ``repr`` switches to ``1e-05`` style and orjson does not,
+    so those few values go through ``float.__repr__``.
     """
-    a = np.abs(x)
-    k = np.full(x.shape[0], -1, dtype=np.intp)
-    r = np.zeros(x.shape[0], dtype=np.float64)
-    idx = np.flatnonzero(present & (((a >= 1e-4) & (a < 1e15)) | (a == 0)))
-    xa = a[idx]
-    for kk in range(19):
-        if idx.size == 0:
-            break
-        scale = 10.0**kk
-        y = np.rint(xa * scale)
-        small = y < 1e15
-        ok = small & (y / scale == xa)
-        k[idx[ok]] = kk
-        r[idx[ok]] = y[ok]
-        again = small & ~ok
-        idx, xa = idx[again], xa[again]
-    fast = k >= 0
-    kf = np.where(fast, k, 0)
-    ru = r.astype(np.uint64)
-    div = _POW10[kf]
-    ip, fp = ru // div, ru % div
-    ip_ndig = np.where(fast, _ndigits(ip), 0)
-    b.const(b"-", fast & np.signbit(x))
-    b.right(_digits(ip, ip_ndig), ip_ndig)
-    b.const(b".", fast & (kf > 0))
-    b.right(_digits(fp, kf), kf)
+    rows = x.shape[0]
+    text = np.zeros((rows, _FLOAT_WIDTH), dtype=np.uint8)
+    length = np.zeros(rows, dtype=np.intp)
+    tiny = present & (np.abs(x) < 1e-4) & (x != 0)
+    usual = np.flatnonzero(present & ~tiny)
+    if usual.size:
+        js = np.frombuffer(orjson.dumps(x[usual], option=orjson.OPT_SERIALIZE_NUMPY), np.uint8)
+        ends = np.flatnonzero((js == ord(",")) | (js == ord("]")))  # js is "[a,b,...]"
+        starts = np.empty_like(ends)
+        starts[0] = 1
+        starts[1:] = ends[:-1] + 1
+        padded = np.concatenate((js, np.zeros(_FLOAT_WIDTH, dtype=np.uint8)))
+        text[usual] = sliding_window_view(padded, _FLOAT_WIDTH)[starts]
+        length[usual] = ends - starts
+    some = np.flatnonzero(tiny)
+    if some.size:
+        s = np.array(list(map(float.__repr__, x[some].tolist())), dtype=f"S{_FLOAT_WIDTH}")
+        text[some] = s.view(np.uint8).reshape(some.size, _FLOAT_WIDTH)
+        length[some] = np.strings.str_len(s)
+    idx = np.arange(rows)
+    tail = np.maximum(length - 2, 0)
+    dot0 = (text[idx, tail] == ord(".")) & (text[idx, tail + 1] == ord("0")) & (length > 2)
+    length -= 2 * dot0
+    b.left(text[:, : max(int(length.max(initial=0)), 1)], length)
 
-    slow = np.flatnonzero(present & ~fast)
-    if slow.size:
-        text = np.zeros((x.shape[0], 24), dtype=np.uint8)  # repr of a double is <= 24 chars
-        length = np.zeros(x.shape[0], dtype=np.intp)
-        s = np.array(list(map(float.__repr__, x[slow].tolist())), dtype="S24")
-        m = s.view(np.uint8).reshape(slow.size, 24)
-        n = np.strings.str_len(s).astype(np.intp)
-        rows = np.arange(slow.size)
-        dot0 = (m[rows, n - 2] == ord(".")) & (m[rows, n - 1] == ord("0"))
-        text[slow] = m
-        length[slow] = n - 2 * dot0
-        b.left(text, length)
+
+_Field = tuple[bytes, npt.NDArray[np.float64] | npt.NDArray[np.int64], bool]
+"""Escaped ``key=``, the column, and whether it is a float column."""
 
 
 def _encode_chunk(
+    *,
     prefix: npt.NDArray[np.uint8],
     prefix_len: npt.NDArray[np.intp],
     group: npt.NDArray[np.intp],
     ts_ns: npt.NDArray[np.int64],
-    fields: list[tuple[bytes, npt.NDArray[np.float64] | npt.NDArray[np.int64], bool]],
+    fields: list[_Field],
     int_absent: int,
 ) -> tuple[bytes, int, int]:
     rows = ts_ns.shape[0]
@@ -222,8 +214,7 @@ def _encode_chunk(
     nonfinite = 0
     for key, values, is_float in fields:
         if is_float:
-            finite = np.isfinite(values)
-            present = finite
+            present = np.isfinite(values)
             nonfinite += int(np.count_nonzero(np.isinf(values)))
         else:
             present = values != int_absent
@@ -240,11 +231,12 @@ def _encode_chunk(
     return b.join(any_before), int(np.count_nonzero(any_before)), nonfinite
 
 
-def encode(  # noqa: PLR0913 - the columns of a batch
+def encode(
     measurement: str,
     tag_sets: Sequence[str],
-    group: npt.NDArray[np.integer],
+    group: npt.NDArray[np.integer[Any]],
     ts_ns: npt.NDArray[np.int64],
+    *,
     float_fields: Mapping[str, npt.NDArray[np.float64]] = _EMPTY,
     int_fields: Mapping[str, npt.NDArray[np.int64]] = _EMPTY_INT,
     int_absent: int = INT64_MIN,
@@ -259,19 +251,21 @@ def encode(  # noqa: PLR0913 - the columns of a batch
     names = sorted([*float_fields, *int_fields])
     if len(set(names)) != len(names):
         raise ValueError(f"field names appear as both float and int: {names}")
-    columns: list[tuple[str, npt.NDArray[np.float64] | npt.NDArray[np.int64], bool]] = []
+    columns: list[_Field] = []
     for name in names:
-        is_float = name in float_fields
-        col = float_fields[name] if is_float else int_fields[name]
-        col = np.asarray(col, dtype=np.float64 if is_float else np.int64)
+        col: npt.NDArray[np.float64] | npt.NDArray[np.int64]
+        if name in float_fields:
+            col = np.asarray(float_fields[name], dtype=np.float64)
+        else:
+            col = np.asarray(int_fields[name], dtype=np.int64)
         if col.shape != (n,):
             raise ValueError(f"field {name!r} has shape {col.shape}, expected ({n},)")
-        columns.append((name, col, is_float))
-    group = np.asarray(group, dtype=np.intp)
-    ts_ns = np.asarray(ts_ns, dtype=np.int64)
-    if group.shape != (n,):
-        raise ValueError(f"group has shape {group.shape}, expected ({n},)")
-    if n and (group.min() < 0 or group.max() >= len(tag_sets)):
+        columns.append((f"{escape_tag(name)}=".encode(), col, name in float_fields))
+    rows_group = np.asarray(group, dtype=np.intp)
+    ts = np.asarray(ts_ns, dtype=np.int64)
+    if rows_group.shape != (n,):
+        raise ValueError(f"group has shape {rows_group.shape}, expected ({n},)")
+    if n and (rows_group.min() < 0 or rows_group.max() >= len(tag_sets)):
         raise ValueError(f"group indexes outside 0..{len(tag_sets) - 1}")
 
     m = escape_measurement(measurement)
@@ -284,9 +278,13 @@ def encode(  # noqa: PLR0913 - the columns of a batch
     lines = nonfinite = 0
     for start in range(0, n, _CHUNK_ROWS):
         sl = slice(start, start + _CHUNK_ROWS)
-        fields = [(f"{escape_tag(k)}=".encode(), c[sl], f) for k, c, f in columns]
         data, count, inf = _encode_chunk(
-            prefix, prefix_len, group[sl], ts_ns[sl], fields, int_absent
+            prefix=prefix,
+            prefix_len=prefix_len,
+            group=rows_group[sl],
+            ts_ns=ts[sl],
+            fields=[(key, col[sl], is_float) for key, col, is_float in columns],
+            int_absent=int_absent,
         )
         parts.append(data)
         lines += count

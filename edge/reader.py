@@ -44,10 +44,11 @@ def sample_lines(batch: SampleBatch, table: SeriesTable) -> list[bytes]:
     return out
 
 
-async def _read_one(driver: Driver, table: SeriesTable, once: bool, timeout_s: float, out: TextIO) -> None:
+async def _read_one(
+    driver: Driver, table: SeriesTable, once: bool, timeout_s: float, out: TextIO
+) -> None:
     def emit(batch: SampleBatch) -> None:
-        for line in sample_lines(batch, table):
-            out.write(line.decode() + "\n")
+        out.writelines(line.decode() + "\n" for line in sample_lines(batch, table))
         out.flush()
 
     async with driver:  # type: ignore[attr-defined]

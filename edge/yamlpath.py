@@ -64,11 +64,12 @@ def yaml_path(data: Any, loc: tuple[int | str, ...]) -> str:
         elif isinstance(current, list) and isinstance(element, int) and element < len(current):
             parts.append(f"[{element}]")
             current = current[element]
-        elif isinstance(element, str) and not (isinstance(current, dict) and "type" in current):
+        elif isinstance(current, dict) and element == current.get("type"):
+            continue  # a discriminated-union tag pydantic inserted; it is not in the file
+        else:
             # A missing field, or an extra one the model forbids: name it.
-            parts.append(f".{element}" if parts else element)
+            parts.append(f".{element}" if parts else str(element))
             current = None
-        # else: a discriminated-union tag pydantic inserted; it is not in the file.
     return "".join(parts) or "(top level)"
 
 

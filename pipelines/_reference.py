@@ -1,3 +1,5 @@
+# Copyright 2026 tpo-edge contributors
+# SPDX-License-Identifier: Apache-2.0
 """Slow, obviously correct twins of the vectorised KPI functions (for the property tests).
 
 Plain loops over Python numbers, exact rationals for bucket boundaries, sorting for quantiles.
@@ -7,8 +9,11 @@ Nothing here is fast and nothing in production imports it.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
 from fractions import Fraction
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Iterable, Sequence
 
 # -- histogram -----------------------------------------------------------------------------
 

@@ -1,3 +1,5 @@
+# Copyright 2026 tpo-edge contributors
+# SPDX-License-Identifier: Apache-2.0
 """Base-2 exponential histogram (OpenTelemetry / Prometheus-native layout) with exact counters.
 
 Layout: for scale ``s`` the base is ``b = 2 ** (2 ** -s)`` and a value ``x > 0`` falls into bucket
@@ -18,7 +20,7 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from typing import Any, Final
 
 import numpy as np
@@ -36,7 +38,9 @@ DEFAULT_MAX_SIZE: Final = 512
 OpenTelemetry uses 160; latency spans outliers of several decades, and 512 keeps scale 5 there.
 """
 
-_CHUNK: Final = 1 << 13  # values per pass: keeps the temporaries of record() in L1/L2 cache (measured)
+_CHUNK: Final = (
+    1 << 13
+)  # values per pass: keeps the temporaries of record() in L1/L2 cache (measured)
 _MANTISSA_BITS: Final = 52
 _MANTISSA_MASK: Final = (1 << _MANTISSA_BITS) - 1
 _EXPONENT_BIAS: Final = 1023
@@ -48,7 +52,7 @@ IntArray = npt.NDArray[np.int64]
 
 def relative_error(scale: int) -> float:
     """Return the largest relative error (b-1)/(b+1) of a quantile estimate at ``scale``."""
-    base = 2.0 ** (2.0**-scale)
+    base = math.pow(2.0, math.ldexp(1.0, -scale))
     return (base - 1.0) / (base + 1.0)
 
 
@@ -60,7 +64,7 @@ def _largest_float_below_root(j: int, scale: int) -> float:
         # f <= 2**(j/power)  <=>  f**power <= 2**j, decided on exact rationals.
         return Fraction(f) ** power <= Fraction(2) ** j
 
-    f = 2.0 ** (j / power)
+    f = math.pow(2.0, j / power)
     while not at_or_below(f):
         f = math.nextafter(f, 0.0)
     while at_or_below(math.nextafter(f, math.inf)):
@@ -68,7 +72,7 @@ def _largest_float_below_root(j: int, scale: int) -> float:
     return f
 
 
-@lru_cache(maxsize=None)
+@cache
 def _mantissa_tables(scale: int) -> tuple[IntArray, IntArray]:
     """Return (first sub-bucket, upper boundary mantissa) per mantissa cell, for ``scale > 0``.
 
@@ -112,7 +116,7 @@ def bucket_indices(values: FloatArray, scale: int) -> IntArray:
     mantissa = bits & _MANTISSA_MASK
     if scale <= 0:
         # Scale 0: bucket exponent-1 for exact powers of two (upper-inclusive), else exponent.
-        index0 = exponent - (mantissa == 0)
+        index0: IntArray = exponent - (mantissa == 0)
         return index0 >> -scale
     first, upper = _mantissa_tables(scale)
     cell = mantissa >> (_MANTISSA_BITS - (scale + 1))
@@ -176,7 +180,7 @@ class ExpHistogram:
     @property
     def base(self) -> float:
         """Growth factor between bucket boundaries, 2**(2**-scale)."""
-        return float(2.0 ** (2.0**-self.scale))
+        return math.pow(2.0, math.ldexp(1.0, -self.scale))
 
     @property
     def offset(self) -> int:
@@ -303,18 +307,17 @@ class ExpHistogram:
             raise ValueError(f"deadlines differ: {self.deadlines} vs {other.deadlines}")
         if other.scale < self.scale:
             self.downscale(self.scale - other.scale)
-        if other._counts.size:
+        if other.counts.size:
             theirs = other
             if other.scale > self.scale:
                 theirs = other.copy()
                 theirs.downscale(other.scale - self.scale)
-            last = theirs._offset + theirs._counts.size - 1
-            by = self._shift_to_fit(theirs._offset, last)
+            by = self._shift_to_fit(theirs.offset, theirs.offset + theirs.counts.size - 1)
             if by:
                 self.downscale(by)
                 theirs = theirs.copy() if theirs is other else theirs
                 theirs.downscale(by)
-            self._add_dense(theirs._offset, theirs._counts)
+            self._add_dense(theirs.offset, theirs.counts)
         self.zero_count += other.zero_count
         self.nan_count += other.nan_count
         self.n += other.n

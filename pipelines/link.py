@@ -1,3 +1,5 @@
+# Copyright 2026 tpo-edge contributors
+# SPDX-License-Identifier: Apache-2.0
 """Link KPIs per series and tumbling window (definitions: shared/domain/KPIS.md, link table).
 
 Inputs are columnar int64 arrays, one row per received message, in any order:
@@ -421,6 +423,7 @@ def _availability(
     t_recv: IntArray,
     timely: BoolArray,
     window: tuple[int, int],
+    *,
     config: LinkConfig,
     state: SeriesState,
 ) -> tuple[Availability | None, SeriesState]:
@@ -482,7 +485,7 @@ def link_window(
         updates = np.sort(np.diff(t_recv)).astype(np.float64)
     else:
         updates = np.sort(np.diff(t_recv, prepend=state.last_recv_ns)).astype(np.float64)
-    avail, state = _availability(t_send, t_recv, delays.timely, window, config, state)
+    avail, state = _availability(t_send, t_recv, delays.timely, window, config=config, state=state)
     state = replace(
         state,
         last_seq=int(numbers[-1]) if numbers.size else state.last_seq,
@@ -520,9 +523,7 @@ def link_window(
         update_time_p99_ms=_none_or_ms(percentile_or_none(updates, P99)),
         n_sent=n_sent,
         n_timely=n_timely,
-        deadline_reliability=(
-            _ratio(n_timely, n_sent) if config.deadline_ms is not None else None
-        ),
+        deadline_reliability=(_ratio(n_timely, n_sent) if config.deadline_ms is not None else None),
         availability=_ratio(avail.up_ns, avail.up_ns + avail.down_ns) if avail else None,
         up_s=up_s,
         down_s=avail.down_ns / NS_PER_S if avail else 0.0,
@@ -679,7 +680,13 @@ class LinkWindower:
                 return []
             first = int(win.min())
         order = np.lexsort((t_recv, win))  # by window, then receive time (stable)
-        win, seq, t_send, t_recv, size = win[order], seq[order], t_send[order], t_recv[order], size[order]
+        win, seq, t_send, t_recv, size = (
+            win[order],
+            seq[order],
+            t_send[order],
+            t_recv[order],
+            size[order],
+        )
         indices = np.arange(first, boundary, dtype=np.int64)
         starts = np.searchsorted(win, indices, side="left")
         ends = np.searchsorted(win, indices, side="right")

@@ -1,3 +1,5 @@
+# Copyright 2026 tpo-edge contributors
+# SPDX-License-Identifier: Apache-2.0
 """Process KPIs (shared/domain/KPIS.md): OEE, energy per part, charger and bench KPIs.
 
 States and readings are step functions: a sample (t, value) holds until the next sample. A
@@ -202,12 +204,13 @@ def _code(value: float | None) -> int | None:
 
 
 def machine_oee(
+    window: Window,
+    *,
     state: StepSeries,
     mode: StepSeries | None,
     total_counter: StepSeries,
     good_counter: StepSeries,
     ideal_cycle_s: float,
-    window: Window,
     model: MachineModel = OPC40001,
 ) -> Oee:
     """Return the OEE of one machine over the window from its state, mode and part counters."""
@@ -228,7 +231,7 @@ def _counter_in(counter: StepSeries, window: Window) -> float:
     return counter_increase(v[prior:last], before)
 
 
-def energy_per_part(energy: StepSeries, parts: StepSeries, window: Window) -> float | None:
+def energy_per_part(window: Window, *, energy: StepSeries, parts: StepSeries) -> float | None:
     """Return energy meter delta / parts completed in the window (unit of energy per part)."""
     made = _counter_in(parts, window)
     return _counter_in(energy, window) / made if made > 0 else None
@@ -265,7 +268,11 @@ class ChargerKpis:
 
 
 def charger_kpis(
-    status: StepSeries, energy_register_wh: StepSeries, stop_t_ns: npt.ArrayLike, window: Window
+    window: Window,
+    *,
+    status: StepSeries,
+    energy_register_wh: StepSeries,
+    stop_t_ns: npt.ArrayLike,
 ) -> ChargerKpis:
     """Return utilisation, energy, sessions and availability of one connector."""
     length = window[1] - window[0]
@@ -299,12 +306,13 @@ class BenchKpis:
 
 
 def bench_kpis(
+    window: Window,
+    *,
     pv_wh_total: StepSeries,
     soc_pct: StepSeries,
     protect_mode: StepSeries,
     sessions_counter: StepSeries,
     occupancy: StepSeries,
-    window: Window,
 ) -> BenchKpis:
     """Return solar yield, battery, protection mode, sessions and occupancy of one bench."""
     soc_durations, soc_levels = _segments(soc_pct.t_ns, soc_pct.values, window, soc_pct.before)

@@ -79,7 +79,9 @@ def test_unknown_key_names_path_and_line(tmp_path: Path) -> None:
 
 
 def test_wrong_enum_inside_a_source_names_the_register(tmp_path: Path) -> None:
-    text = VALID.replace("address: 2, type: float32, order: ABCD", "address: 2, type: float32, order: ACBD")
+    text = VALID.replace(
+        "address: 2, type: float32, order: ABCD", "address: 2, type: float32, order: ACBD"
+    )
     [(path, line, reason)] = problems(tmp_path, text)
     assert path == "sources[0].registers[1].order"
     assert line == 19
@@ -87,7 +89,9 @@ def test_wrong_enum_inside_a_source_names_the_register(tmp_path: Path) -> None:
 
 
 def test_wrong_type_and_missing_field_are_both_listed(tmp_path: Path) -> None:
-    text = VALID.replace("port: 5020", "port: fivethousand").replace("    host: 127.0.0.1\n    port: five", "    port: five")
+    text = VALID.replace("port: 5020", "port: fivethousand").replace(
+        "    host: 127.0.0.1\n    port: five", "    port: five"
+    )
     found = {p for p, _, _ in problems(tmp_path, text)}
     assert found == {"sources[0].host", "sources[0].port"}
 
@@ -135,7 +139,7 @@ def test_yaml_syntax_error_has_a_line(tmp_path: Path) -> None:
 
 
 def test_empty_sources(tmp_path: Path) -> None:
-    text = VALID.split("sources:")[0] + "sources: []\n"
+    text = VALID.split("sources:", maxsplit=1)[0] + "sources: []\n"
     [(path, line, _)] = problems(tmp_path, text)
     assert (path, line) == ("sources", 10)
 

@@ -13,7 +13,9 @@ def table() -> SeriesTable:
         [
             SeriesKey("tpo", "hall-a", "meter-1", "voltage_l1", "V", "modbus"),
             SeriesKey("tpo", "hall-a", "meter-1", "power", "W", "modbus"),
-            SeriesKey("tpo", "street", "charger-1", "status", "", "mqtt", codes=("Available", "Charging")),
+            SeriesKey(
+                "tpo", "street", "charger-1", "status", "", "mqtt", codes=("Available", "Charging")
+            ),
         ]
     )
 
@@ -31,7 +33,12 @@ def test_roundtrip_keeps_every_column_bit_exact() -> None:
     )
     batch.value[3] = np.nan
     decoded = decode_samples(encode_samples(batch, table(), agent_id="a1", batch_seq=7))
-    assert (decoded.site, decoded.area, decoded.device, decoded.batch_seq) == ("tpo", "hall-a", "meter-1", 7)
+    assert (decoded.site, decoded.area, decoded.device, decoded.batch_seq) == (
+        "tpo",
+        "hall-a",
+        "meter-1",
+        7,
+    )
     names = np.array(decoded.channels)[decoded.ch]
     expected = np.array(["voltage_l1", "power"])[batch.series]
     assert (names == expected).all()

@@ -1,0 +1,82 @@
+"""Shared pieces of the end-to-end tests: run agent + ingest, read back what was stored."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+from collections.abc import AsyncIterator
+from typing import Any
+
+from edge.influx import InfluxV1Writer
+
+from edge.agent import Agent
+from edge.config import SiteConfig
+from edge.ingest import Ingest
+from edge.services import Influxd
+from sim.truth import GroundTruth
+
+SITE_DEFAULTS: dict[str, Any] = {
+    "site": "tpo",
+    "agent": {"id": "it-edge", "batch_max_age_s": 0.2, "metrics_interval_s": 1.0},
+    "database": {"flush_interval_s": 0.2},
+}
+
+
+def make_site(sources: list[Any], broker_port: int, **overrides: Any) -> SiteConfig:
+    """A site for tests: given sources, the test broker, quick batching."""
+    doc = {**SITE_DEFAULTS, **overrides}
+    doc["broker"] = {"host": "127.0.0.1", "port": broker_port}
+    doc["sources"] = [s.model_dump() if hasattr(s, "model_dump") else s for s in sources]
+    return SiteConfig.model_validate(doc)
+
+
+@contextlib.asynccontextmanager
+async def running_platform(
+    site: SiteConfig, influxd: Influxd
+) -> AsyncIterator[tuple[Agent, Ingest]]:
+    """Ingest and agent running against the test servers; stopped in order on exit."""
+    writer = InfluxV1Writer(url=influxd.url, database=influxd.database)
+    await writer.ensure_database()
+    ingest = Ingest(site, writer, client_id=f"it-ingest-{id(site)}")
+    ingest_task = asyncio.create_task(ingest.run())
+    await asyncio.wait_for(ingest.ready.wait(), 10)
+    agent = Agent(site)
+    agent_task = asyncio.create_task(agent.run())
+    await asyncio.wait_for(agent.started.wait(), 10)
+    try:
+        yield agent, ingest
+    finally:
+        agent.stop()
+        await asyncio.wait_for(agent_task, 30)
+        published = agent.counters["samples_published"]
+        for _ in range(200):
+            if ingest.stats.samples >= published:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)
+        ingest.stop()
+        await asyncio.wait_for(ingest_task, 30)
+        await writer.close()
+
+
+def stored_values(influxd: Influxd, device: str) -> dict[str, list[tuple[float | None, int]]]:
+    """(value, quality) per channel of one device, in time order, from InfluxDB."""
+    out: dict[str, list[tuple[float | None, int]]] = defaultdict(list)
+    series = influxd.query(
+        f'SELECT "value", "quality" FROM "signal" WHERE "device" = \'{device}\' GROUP BY "channel"'
+    )
+    for s in series:
+        channel = s["tags"]["channel"]  # type: ignore[index]
+        for _ts, value, quality in s["values"]:  # type: ignore[attr-defined]
+            out[channel].append((value, quality))
+    return out
+
+
+def truth_values(truth: GroundTruth, device: str) -> dict[str, list[float | None]]:
+    """Delivered ground-truth values per channel of one device, in order."""
+    out: dict[str, list[float | None]] = defaultdict(list)
+    for r in truth.records(device):
+        if not r.dropped:
+            out[r.channel].append(r.value)
+    return out
