@@ -1,0 +1,1 @@
+"""Southbound drivers and the contracts they share (SampleBatch, series table, registry)."""

@@ -1,0 +1,1 @@
+"""The edge runtime: site config, agent, outbox, backbone client, ingest, InfluxDB writers, CLI."""

@@ -1,0 +1,1 @@
+"""The numpy KPI core: exponential histogram, link KPIs, process KPIs."""

@@ -96,14 +96,17 @@ class RefHistogram:
             return math.nan
         rank = max(1, math.ceil(q * self.n))
         low, high = min(self.values), max(self.values)
-        base = 2.0 ** (2.0**-self.scale)
+        base = 2.0 ** (2.0**-self.scale) if self.scale > -10 else math.inf
         seen = self.zero_count
         estimate = 0.0
         if rank > seen:
             for i in sorted(self.buckets):
                 seen += self.buckets[i]
                 if seen >= rank:
-                    estimate = 2.0 * 2.0 ** ((i + 1) * 2.0**-self.scale) / (base + 1.0)
+                    # 2 b**(i+1) / (b+1), written as 2**(i/2**s + 1 - log2(1 + 1/b)) so that
+                    # neither b**(i+1) nor b overflows at coarse scales.
+                    power = i * 2.0**-self.scale + 1.0 - math.log2(1.0 + 1.0 / base)
+                    estimate = 2.0**power if power < 1024 else math.inf
                     break
         return min(max(estimate, low), high)
 

@@ -52,8 +52,8 @@ IntArray = npt.NDArray[np.int64]
 
 def relative_error(scale: int) -> float:
     """Return the largest relative error (b-1)/(b+1) of a quantile estimate at ``scale``."""
-    base = math.pow(2.0, math.ldexp(1.0, -scale))
-    return (base - 1.0) / (base + 1.0)
+    base = _base(scale)
+    return 1.0 if math.isinf(base) else (base - 1.0) / (base + 1.0)
 
 
 def _largest_float_below_root(j: int, scale: int) -> float:
@@ -109,7 +109,8 @@ def bucket_indices(values: FloatArray, scale: int) -> IntArray:
     lift = None
     if x.size and not exponent.all():  # subnormals: exponent field 0
         lift = exponent == 0
-        x = np.where(lift, x * 2.0**_SUBNORMAL_LIFT, x)
+        x = x.copy()
+        x[lift] *= 2.0**_SUBNORMAL_LIFT
         bits = x.view(np.int64)
         exponent = (bits >> _MANTISSA_BITS) - np.where(lift, _SUBNORMAL_LIFT, 0)
     exponent -= _EXPONENT_BIAS  # x = y * 2**exponent with y in [1, 2)
@@ -124,6 +125,19 @@ def bucket_indices(values: FloatArray, scale: int) -> IntArray:
     index += first[cell]
     index += mantissa > upper[cell]
     return index
+
+
+def _base(scale: int) -> float:
+    """Return 2**(2**-scale), inf when it exceeds float64 (scales below -9)."""
+    try:
+        return math.pow(2.0, math.ldexp(1.0, -scale))
+    except OverflowError:
+        return math.inf
+
+
+def _json_float(value: float) -> float | str:
+    """Return value, or its text ("inf", "-inf", "nan") where JSON has no number for it."""
+    return value if math.isfinite(value) else str(value)
 
 
 def bucket_lower_bound(index: int, scale: int) -> float:
@@ -180,7 +194,7 @@ class ExpHistogram:
     @property
     def base(self) -> float:
         """Growth factor between bucket boundaries, 2**(2**-scale)."""
-        return math.pow(2.0, math.ldexp(1.0, -self.scale))
+        return _base(self.scale)
 
     @property
     def offset(self) -> int:
@@ -215,8 +229,10 @@ class ExpHistogram:
     def record(self, values: npt.ArrayLike) -> None:
         """Add every value of ``values`` (any shape, converted to float64)."""
         flat = np.asarray(values, dtype=np.float64).ravel()
-        for start in range(0, flat.size, _CHUNK):
-            self._record_chunk(flat[start : start + _CHUNK])
+        # NaN/inf inputs are filtered below, and sums of huge values may overflow: no warnings.
+        with np.errstate(over="ignore", invalid="ignore"):
+            for start in range(0, flat.size, _CHUNK):
+                self._record_chunk(flat[start : start + _CHUNK])
 
     def _record_chunk(self, x: FloatArray) -> None:
         total = float(x.sum())
@@ -364,8 +380,12 @@ class ExpHistogram:
         cumulative = self.zero_count + np.cumsum(self._counts)
         bucket = np.searchsorted(cumulative, rank, side="left")  # first with cum >= rank
         bucket = np.minimum(bucket, max(self._counts.size - 1, 0))
-        upper = np.exp2(np.ldexp((bucket + self._offset + 1).astype(np.float64), -self.scale))
-        estimate = 2.0 * upper / (self.base + 1.0)
+        # 2 b**(i+1) / (b+1) = 2**(i / 2**s + c) with c = 1 - log2(1 + 1/b): finite at every
+        # scale, so coarse scales (b up to 2**1024) do not overflow on the way.
+        c = 1.0 - math.log2(1.0 + 1.0 / self.base)
+        lower_log2 = np.ldexp((bucket + self._offset).astype(np.float64), -self.scale)
+        with np.errstate(over="ignore"):
+            estimate = np.exp2(lower_log2 + c)
         estimate = np.where(rank <= self.zero_count, 0.0, estimate)
         return np.asarray(np.clip(estimate, self.min, self.max), dtype=np.float64)
 
@@ -380,8 +400,8 @@ class ExpHistogram:
             "scale": self.scale,
             "max_size": self.max_size,
             "n": self.n,
-            "sum": self.sum,
-            "sumsq": self.sumsq,
+            "sum": _json_float(self.sum),
+            "sumsq": _json_float(self.sumsq),
             "min": None if empty else self.min,
             "max": None if empty else self.max,
             "zero_count": self.zero_count,

@@ -240,6 +240,7 @@ def availability_in_window(
     transfer interval, deadline and survival time). The service is DOWN from the running
     maximum of the expiry times until the next good arrival. ``expire_before_ns`` is the expiry
     carried in from before the window; time before ``observed_from_ns`` is not counted.
+    Good arrivals lie inside the window, not before ``observed_from_ns``.
     """
     good = np.asarray(good_recv_ns, dtype=np.int64)
     expire = np.asarray(expire_at_ns, dtype=np.int64)

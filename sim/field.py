@@ -40,7 +40,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sim.clock import SimClock
-from sim.link import PROFILES, LinkEmulator
+from sim.link import PROFILES, LinkEmulator, LinkProfile
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -138,8 +138,8 @@ class FieldDeviceSpec(BaseModel):
     interval_s: float = Field(default=300.0, gt=0)
     """Simulated seconds between periodic messages (telemetry, meter values)."""
     ocpp: Literal["1.6", "2.0.1"] = "1.6"
-    link: str = "ideal"
-    """Name of a profile in :data:`sim.link.PROFILES`."""
+    link: str | LinkProfile = "ideal"
+    """Name of a profile in :data:`sim.link.PROFILES`, or a profile of its own."""
     seed: int = 0
     connectors: int = Field(default=1, ge=1, le=8)
     max_power_kw: float = Field(default=11.0, gt=0)
@@ -151,8 +151,8 @@ class FieldDeviceSpec(BaseModel):
 
     @field_validator("link")
     @classmethod
-    def _known_link(cls, value: str) -> str:
-        if value not in PROFILES:
+    def _known_link(cls, value: str | LinkProfile) -> str | LinkProfile:
+        if isinstance(value, str) and value not in PROFILES:
             msg = f"unknown link profile {value!r} (known: {sorted(PROFILES)})"
             raise ValueError(msg)
         return value
@@ -464,7 +464,8 @@ class FieldDevice:
             BenchModel(spec, rng, start_hour) if spec.kind == "bench" else ChargerModel(spec, rng)
         )
         link_seed = int(link_seq.generate_state(1)[0])
-        self.link = LinkEmulator(PROFILES[spec.link], link_seed)
+        link = PROFILES[spec.link] if isinstance(spec.link, str) else spec.link
+        self.link = LinkEmulator(link, link_seed)
         self.seq = spec.seq_start % spec.seq_modulus
         self.ticks = 0
         self.last_ts = 0

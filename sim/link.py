@@ -15,7 +15,7 @@ Model, per message i sent at ``t_send[i]`` with ``size[i]`` bytes:
   right tail), so ``delay_ms`` is the mean one-way delay.
 * rate cap: a FIFO serialiser of ``rate_bps``; a message waits for the ones
   before it, then takes ``8 * size / rate_bps`` seconds.
-* handover stalls: a Poisson process of ``stall_rate_hz``; each stall lasts
+* handover stalls: exponential gaps of mean 1 / ``stall_rate_hz``; each stall lasts
   U(stall_min_ms, stall_max_ms) and loses every message sent during it.
 * order: 5G (RLC AM / PDCP) delivers in order, so a message never overtakes an
   earlier delivered one: ``t_deliver[i] = max(t_deliver[i-1], t_send[i] + delay[i])``.
@@ -64,7 +64,7 @@ class LinkProfile(BaseModel):
     rate_bps: float | None = Field(default=None, gt=0.0)
     """Capacity in bit/s; None means no cap."""
     stall_rate_hz: float = Field(default=0.0, ge=0.0)
-    """Mean handover stalls per second (Poisson)."""
+    """Handover rate: gaps between stalls are exponential with mean 1 / stall_rate_hz."""
     stall_min_ms: float = Field(default=50.0, ge=0.0)
     stall_max_ms: float = Field(default=500.0, ge=0.0)
 
@@ -97,9 +97,9 @@ class LinkProfile(BaseModel):
 
     @property
     def stall_loss(self) -> float:
-        """Long-run fraction of time spent in handover stalls."""
-        mean_s = (self.stall_min_ms + self.stall_max_ms) / 2 / 1000
-        return 1.0 - math.exp(-self.stall_rate_hz * mean_s) if self.stall_rate_hz else 0.0
+        """Long-run fraction of time spent in handover stalls (renewal: gap, then stall)."""
+        busy = self.stall_rate_hz * (self.stall_min_ms + self.stall_max_ms) / 2 / 1000
+        return busy / (1.0 + busy)
 
 
 PROFILES: dict[str, LinkProfile] = {
@@ -231,13 +231,15 @@ class LinkEmulator:
         t_max = int(t_send.max())
         starts, ends = [self._stall_start], [self._stall_end]
         while self._stall_horizon <= t_max:
+            # Stalls do not overlap: the next handover can only start after this one ended.
             k = 64
             gaps = self._stall_rng.exponential(1.0 / prof.stall_rate_hz, k) * _NS_PER_S
-            s = self._stall_horizon + np.cumsum(gaps).astype(np.int64)
             dur = self._stall_rng.uniform(prof.stall_min_ms, prof.stall_max_ms, k) * _NS_PER_MS
+            gaps_ns, dur_ns = gaps.astype(np.int64), dur.astype(np.int64)
+            s = self._stall_horizon + np.cumsum(gaps_ns) + np.cumsum(dur_ns) - dur_ns
             starts.append(s)
-            ends.append(s + dur.astype(np.int64))
-            self._stall_horizon = int(s[-1])
+            ends.append(s + dur_ns)
+            self._stall_horizon = int(s[-1] + dur_ns[-1])
         self._stall_start = np.concatenate(starts)
         self._stall_end = np.concatenate(ends)
         idx = np.searchsorted(self._stall_start, t_send, side="right") - 1

@@ -35,12 +35,13 @@ import tempfile
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 
-from asyncua import Server, ua
+from asyncua import ua as _ua
+from asyncua.common.callback import CallbackType
 from asyncua.common.utils import ServiceError
 from asyncua.crypto import cert_gen
-from asyncua.common.callback import CallbackType
+from asyncua.server.server import Server
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509 import DNSName, IPAddress, UniformResourceIdentifier
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -55,6 +56,8 @@ if TYPE_CHECKING:
     from sim.truth import GroundTruth
 
 _log = logging.getLogger(__name__)
+ua: Any = _ua
+"""asyncua's type module, untyped here: its NewType aliases (Int16, UInt32...) reject plain ints."""
 
 NS_MACHINERY = "http://opcfoundation.org/UA/Machinery/"
 NS_MACHINE_TOOL = "http://opcfoundation.org/UA/MachineTool/"
@@ -66,7 +69,7 @@ SIM_NAMESPACES: dict[str, str] = {
     "pk": NS_PACKML,
     "sim": NS_SIM,
 }
-"""Namespace aliases used in browse paths (``mt:Monitoring``), as a driver config would list them."""
+"""Namespace aliases used in browse paths (``mt:Monitoring``), as a driver config lists them."""
 
 ITEM_STATES = ("NotAvailable", "OutOfService", "NotExecuting", "Executing")
 OPERATION_MODES = ("None", "Maintenance", "Setup", "Processing")
@@ -151,7 +154,9 @@ PACKML_CHANNELS: tuple[ChannelDef, ...] = (
 
 _IDENTIFICATION = ("Manufacturer", "Model", "SerialNumber", "ProductInstanceUri", "AssetId")
 
-BadStatus = Literal["BadSensorFailure", "BadCommunicationError", "BadDeviceFailure", "BadOutOfService"]
+BadStatus = Literal[
+    "BadSensorFailure", "BadCommunicationError", "BadDeviceFailure", "BadOutOfService"
+]
 
 
 class OpcUaMachineSpec(BaseModel):
@@ -243,7 +248,7 @@ class _Machine:
 
     def _machine_tool(self, dt: float) -> dict[str, float | bool | int]:
         rng = self.rng
-        # The drive follows the command with a ~2 s (sim) time constant: load and power follow speed.
+        # The drive follows the command with a ~2 s (sim) lag; load and power follow speed.
         target = self.cmd_speed * self.override / 100.0
         self.act_speed += (target - self.act_speed) * (1.0 - math.exp(-dt / 2.0))
         act = max(self.act_speed + rng.gauss(0.0, 5.0) * (self.act_speed > 1.0), 0.0)
@@ -435,7 +440,7 @@ class OpcUaServerSim:
         self._silent_until[machine] = asyncio.get_running_loop().time() + duration_s
 
     def freeze(self, duration_s: float) -> None:
-        """Stop reading from every client connection: no responses, no keepalives (a hung server)."""
+        """Stop reading from every client connection: no responses or keepalives (hung server)."""
         if self._rt is None:
             return
         transports = list(self._rt.server.iserver.asyncio_transports)
@@ -455,7 +460,7 @@ class OpcUaServerSim:
         assert self._rt is not None
         return self._rt.variables[(machine, path)].nodeid
 
-    async def __aenter__(self) -> OpcUaServerSim:
+    async def __aenter__(self) -> Self:
         """Start."""
         await self.start()
         return self
@@ -473,7 +478,9 @@ class OpcUaServerSim:
         server.set_server_name("tpo-edge OPC UA machine simulator")
         await server.set_application_uri(self.application_uri)
         server.disable_clock()  # the 1 s CurrentTime writer is noise for us
-        policies = [ua.SecurityPolicyType.NoSecurity] if self.allow_none or not self.security else []
+        policies = (
+            [ua.SecurityPolicyType.NoSecurity] if self.allow_none or not self.security else []
+        )
         if self.security:
             cert, key = self._server_cert()
             await server.load_certificate(cert)
@@ -491,7 +498,7 @@ class OpcUaServerSim:
             ua.NodeId("Machines", idx["sim"]), ua.QualifiedName("Machines", idx["ma"])
         )
         for spec in self.machines:
-            await self._add_machine(server, rt, machines_folder, spec, idx)
+            await self._add_machine(rt, machines_folder, spec, idx)
         return rt
 
     def _server_cert(self) -> tuple[Path, Path]:
@@ -527,7 +534,9 @@ class OpcUaServerSim:
 
     async def _limit_reads(self, server: Server, limit: int) -> None:
         """Advertise MaxNodesPerRead and reject bigger Read requests like a real device does."""
-        node = server.get_node(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
+        node = server.get_node(
+            ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead
+        )
         await node.write_value(ua.Variant(limit, ua.VariantType.UInt32))
 
         async def pre_read(event: ServerItemCallback, _dispatcher: Any) -> None:
@@ -538,7 +547,6 @@ class OpcUaServerSim:
 
     async def _add_machine(
         self,
-        server: Server,
         rt: _Runtime,
         parent: Node,
         spec: OpcUaMachineSpec,
@@ -623,18 +631,28 @@ class OpcUaServerSim:
             if fault is not None:
                 if not var.bad:  # one Bad notification; the failed sensor then stays quiet
                     var.bad = True
-                    await self._write(rt, var, var.value, stamp, ts_ns, fault.status)
+                    await self._write(
+                        rt=rt,
+                        var=var,
+                        value=var.value,
+                        stamp=stamp,
+                        ts_ns=ts_ns,
+                        status=fault.status,
+                    )
                 continue
             if value == var.value and not var.bad:
                 continue
             var.bad = False
-            await self._write(rt, var, value, stamp, ts_ns, ua.StatusCodes.Good)
+            await self._write(
+                rt=rt, var=var, value=value, stamp=stamp, ts_ns=ts_ns, status=ua.StatusCodes.Good
+            )
 
     async def _write(
         self,
+        *,
         rt: _Runtime,
         var: _Var,
-        value: float | bool | int | None,
+        value: float | bool | None,
         stamp: datetime,
         ts_ns: int,
         status: int,

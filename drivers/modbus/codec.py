@@ -152,6 +152,8 @@ class _Group:
     scale: npt.NDArray[np.float64]
     offset: npt.NDArray[np.float64]
     bits: npt.NDArray[np.uint16] | None
+    identity: bool
+    """Every scale is 1 and every offset 0: skip the arithmetic."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +183,7 @@ class BlockDecoder:
         self._bit_offset = np.array([r.offset for _, r in fields], dtype=np.float64)
         self._groups: list[_Group] = []
         self._strings: list[_StringField] = []
+        self._whole: _Group | None = None
         if bit_table:
             return
         by_kind: dict[tuple[str, str, bool], list[tuple[int, int, ModbusRegister]]] = {}
@@ -199,13 +202,16 @@ class BlockDecoder:
             code, count = DATATYPE[type_]
             perm = _byte_permutation(count, order)
             starts = np.array([2 * off for _, off, _ in members], dtype=np.intp)
+            scale = np.array([r.scale for _, _, r in members], dtype=np.float64)
+            offset = np.array([r.offset for _, _, r in members], dtype=np.float64)
             self._groups.append(
                 _Group(
                     positions=np.array([pos for pos, _, _ in members], dtype=np.intp),
                     byte_index=starts[:, None] + perm[None, :],
                     dtype=np.dtype(f">{code}"),
-                    scale=np.array([r.scale for _, _, r in members], dtype=np.float64),
-                    offset=np.array([r.offset for _, _, r in members], dtype=np.float64),
+                    scale=scale,
+                    offset=offset,
+                    identity=bool((scale == 1.0).all() and (offset == 0.0).all()),
                     bits=(
                         np.array([r.bit for _, _, r in members], dtype=np.uint16)
                         if is_bit
@@ -213,6 +219,13 @@ class BlockDecoder:
                     ),
                 )
             )
+        # One group covering every field in order (a meter's float32 block): no scatter.
+        if (
+            len(self._groups) == 1
+            and not self._strings
+            and np.array_equal(self._groups[0].positions, np.arange(self.size))
+        ):
+            self._whole = self._groups[0]
 
     def decode(
         self, block: Sequence[int] | Sequence[bool]
@@ -221,13 +234,13 @@ class BlockDecoder:
         if self.bit_table:
             bits = np.asarray(block, dtype=np.float64)
             return bits[self._bit_offsets] * self._bit_scale + self._bit_offset, None
+        # struct.pack of the reply's ints is ~1.5x faster than np.array(..., dtype=">u2")
+        wire = np.frombuffer(struct.pack(f">{len(block)}H", *block), dtype=np.uint8)
+        if self._whole is not None:
+            return _group_values(self._whole, wire), None
         out = np.empty(self.size, dtype=np.float64)
-        wire = np.asarray(block, dtype=np.uint16).astype(">u2").view(np.uint8)
         for group in self._groups:
-            raw = wire[group.byte_index].view(group.dtype)[:, 0]
-            if group.bits is not None:
-                raw = (raw >> group.bits) & 1
-            out[group.positions] = raw.astype(np.float64) * group.scale + group.offset
+            out[group.positions] = _group_values(group, wire)
         bad: npt.NDArray[np.bool_] | None = None
         for field in self._strings:
             text = decode(block[field.start : field.start + field.length], "string", field.order)
@@ -239,6 +252,17 @@ class BlockDecoder:
                     bad = np.zeros(self.size, dtype=np.bool_)
                 bad[field.position] = True
         return out, bad
+
+
+def _group_values(group: _Group, wire: npt.NDArray[np.uint8]) -> npt.NDArray[np.float64]:
+    """The float64 values of one group from the reply's bytes."""
+    raw = wire[group.byte_index].view(group.dtype)[:, 0]
+    if group.bits is not None:
+        raw = (raw >> group.bits) & 1
+    values = raw.astype(np.float64)
+    if group.identity:
+        return values
+    return values * group.scale + group.offset
 
 
 def decode_value(words: Sequence[int] | Sequence[bool], reg: ModbusRegister) -> float:

@@ -103,6 +103,13 @@ class ModbusDriver(DriverBase):
             dtype=np.int32,
         )
         self._client: AsyncModbusTcpClient | None = None
+        self._reads: list[Any] = []
+        n = len(self._series)
+        self._no_ts = np.full(n, NO_TIMESTAMP, dtype=np.int64)
+        self._no_seq = np.full(n, NO_SEQ, dtype=np.int64)
+        self._all_good = np.full(n, GOOD, dtype=np.uint8)
+        self._counts = np.array([len(req.fields) for req in self.plan], dtype=np.intp)
+        self._nans = [np.full(len(req.fields), math.nan) for req in self.plan]
         self._next_attempt = 0.0
         self._attempts = 0
         self._link_failures = 0
@@ -167,6 +174,8 @@ class ModbusDriver(DriverBase):
             client.close()
             return "connection refused or failed"
         self._client = client
+        # bound once per connection: the hot loop does no attribute lookups by name
+        self._reads = [getattr(client, _READ_METHOD[req.function_code]) for req in self.plan]
         return None
 
     def _schedule_reconnect(self) -> None:
@@ -196,69 +205,72 @@ class ModbusDriver(DriverBase):
 
     async def read_batch(self) -> SampleBatch:
         """Execute the plan once; failed requests give BAD samples with NaN values."""
-        n = len(self._series)
-        value = np.empty(n, dtype=np.float64)
-        quality = np.full(n, GOOD, dtype=np.uint8)
-        ts_receive = np.empty(n, dtype=np.int64)
         if not self.connected and time.monotonic() >= self._next_attempt:
             detail = await self._open()
             if detail is None:
                 self._link_up()
             else:
                 self._link_down("connect_failed", detail)
+        quality = self._all_good.copy()
+        values: list[npt.NDArray[np.float64]] = []
+        stamps: list[int] = []
         for i, req in enumerate(self.plan):
-            sl = self._slices[i]
             if not self.connected:
                 # Down (or dropped earlier in this poll): answer at once, spend no time.
-                self._fill_bad(sl, value, quality, ts_receive)
+                self._bad(i, values, stamps, quality)
                 self.ctx.counters["modbus_not_connected"] += 1
                 continue
             try:
-                block = await self._execute(req)
+                block = await self._execute(i, req)
             except _RequestFailedError as failure:
-                self._fill_bad(sl, value, quality, ts_receive)
+                self._bad(i, values, stamps, quality)
                 self._request_failed(i, req, failure)
                 if failure.fatal:
                     await self.close()
                     self._schedule_reconnect()
                 continue
-            ts_receive[sl] = time.time_ns()
-            values, undecodable = self._decoders[i].decode(block)
-            value[sl] = values
+            stamps.append(time.time_ns())
+            decoded, undecodable = self._decoders[i].decode(block)
+            values.append(decoded)
             if undecodable is not None:
-                quality[sl][undecodable] = BAD
+                quality[self._slices[i]][undecodable] = BAD
                 self.ctx.counters["modbus_unknown_code"] += int(undecodable.sum())
             if self._request_failures[i]:
                 self._request_recovered(i, req)
             self._attempts = 0
+        if len(values) == 1:
+            value, ts_receive = values[0], np.full(len(quality), stamps[0], dtype=np.int64)
+        else:
+            value = np.concatenate(values)
+            ts_receive = np.repeat(np.array(stamps, dtype=np.int64), self._counts)
         return SampleBatch(
             series=self._series.copy(),
-            ts_source=np.full(n, NO_TIMESTAMP, dtype=np.int64),
+            ts_source=self._no_ts.copy(),
             ts_receive=ts_receive,
             value=value,
             quality=quality,
-            seq=np.full(n, NO_SEQ, dtype=np.int64),
+            seq=self._no_seq.copy(),
         )
 
-    @staticmethod
-    def _fill_bad(
-        sl: slice,
-        value: npt.NDArray[np.float64],
+    def _bad(
+        self,
+        i: int,
+        values: list[npt.NDArray[np.float64]],
+        stamps: list[int],
         quality: npt.NDArray[np.uint8],
-        ts_receive: npt.NDArray[np.int64],
     ) -> None:
         # NaN, never the last good value: a stale number that looks fresh is the worst output.
-        value[sl] = math.nan
-        quality[sl] = BAD
-        ts_receive[sl] = time.time_ns()
+        values.append(self._nans[i])
+        stamps.append(time.time_ns())
+        quality[self._slices[i]] = BAD
 
-    async def _execute(self, req: ModbusRequest) -> list[int] | list[bool]:
+    async def _execute(self, i: int, req: ModbusRequest) -> list[int] | list[bool]:
         """Send one read and return its registers or bits; _RequestFailedError on any failure."""
         client = self._client
         if client is None:
             raise _RequestFailedError("not_connected", "not connected", fatal=True)
         s = self.source
-        read = getattr(client, _READ_METHOD[req.function_code])
+        read = self._reads[i]
         try:
             async with asyncio.timeout(s.timeout_s):
                 reply: Any = await read(req.address, count=req.count, device_id=s.unit_id)

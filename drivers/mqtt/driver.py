@@ -51,7 +51,8 @@ from drivers.mqtt.schemas import (
     ChargerMeter,
     ChargerStatus,
     MeterValue,
-    TransactionV16,
+    TransactionStartV16,
+    TransactionStopV16,
     TransactionV201,
     parse_transaction,
 )
@@ -70,7 +71,8 @@ PSEUDONYM_HEX = 16
 
 _ID_KEYS = frozenset({"idtag", "idtoken", "parentidtag", "groupidtoken"})
 _ID_RE = re.compile(
-    rb'("(?:idTag|idToken|parentIdTag|groupIdToken)"\s*:\s*)"((?:[^"\\]|\\.)*)"', re.IGNORECASE
+    rb'("(?:idTag|idToken|parentIdTag|groupIdToken)"\s*:\s*)"((?:[^"\\]|\\.)*)(?:"|\Z)',
+    re.IGNORECASE,
 )
 _STATUS_CODE = {name: float(i) for i, name in enumerate(CHARGER_STATUS_CODES)}
 _STATE_CODE = {name: float(i) for i, name in enumerate(CHARGING_STATE_CODES)}
@@ -88,7 +90,8 @@ def scrub_id_tags(payload: bytes, pseudo: Callable[[str], str]) -> bytes:
     """The payload with every idTag / idToken string replaced by its pseudonym.
 
     JSON payloads are walked (any depth, keys compared case-insensitively);
-    anything else gets a regex pass, so even a broken payload leaves no raw idTag.
+    anything else gets a regex pass, so even a broken payload leaves no raw idTag (a value
+    cut off by truncation is pseudonymised up to the end of the payload).
     """
     try:
         data = json.loads(payload)
@@ -199,6 +202,21 @@ class _Rows:
         self.ts_receive.append(t_rcv)
         self.seq.append(seq)
 
+    def extend(
+        self, series: list[int], values: list[Any], ts: int, t_rcv: int, seq: int
+    ) -> None:
+        n = len(series)
+        self.series.extend(series)
+        self.value.extend(values)
+        self.ts_source.extend([ts] * n)
+        self.ts_receive.extend([t_rcv] * n)
+        self.seq.extend([seq] * n)
+
+    def truncate(self, n: int) -> None:
+        """Drop rows from n on (a message that failed half-way adds none)."""
+        for col in (self.series, self.value, self.ts_source, self.ts_receive, self.seq):
+            del col[n:]
+
     def batch(self) -> SampleBatch:
         return SampleBatch(
             series=np.array(self.series, np.int32),
@@ -222,11 +240,13 @@ class _Msg:
         self.rows = rows
 
 
-def _validate(model: type[_M], data: dict[str, Any]) -> _M:
-    """Validate, turning a ValidationError into :class:`Invalid` with a precise reason."""
+def _validate(model: type[_M], payload: bytes) -> _M:
+    """Parse and validate in one pass (pydantic-core reads the JSON); precise reasons."""
     try:
-        return model.model_validate(data)
+        return model.model_validate_json(payload)
     except ValidationError as exc:
+        if exc.errors(include_url=False)[0]["type"] == "json_invalid":
+            _load_json(payload)  # raises Invalid("not_json") with the parser's position
         raise Invalid(*_validation_kind(exc)) from None
 
 
@@ -234,7 +254,9 @@ def _validation_kind(exc: ValidationError) -> tuple[str, str]:
     """(counter kind, reason) of a schema error; the reason never quotes input values."""
     errors = exc.errors(include_url=False, include_input=False)
     first = errors[0]["type"]
-    if first == "missing":
+    if first in {"model_type", "model_attributes_type"}:
+        kind = "schema"
+    elif first == "missing":
         kind = "missing_field"
     elif first == "finite_number":
         kind = "non_finite"
@@ -279,19 +301,20 @@ class MqttFieldDriver(DriverBase):
         super().__init__(config, series, ctx)
         self._kind = {d.id: d.kind for d in config.devices}
         area = config.area
-        self._bench_plan: dict[str, list[tuple[int, str]]] = {}
+        self._bench_plan: dict[str, tuple[list[int], list[str]]] = {}
         self._charger_series: dict[str, dict[str, int]] = {}
         missing = 0
         for dev in config.devices:
             if dev.kind == "bench":
-                plan = []
+                idxs, names = [], []
                 for ch in BENCH_CHANNELS:
                     idx = series.get(area, dev.id, ch.name)
                     if idx is None:
                         missing += 1
                     else:
-                        plan.append((idx, ch.name))
-                self._bench_plan[dev.id] = plan
+                        idxs.append(idx)
+                        names.append(ch.name)
+                self._bench_plan[dev.id] = (idxs, names)
             else:
                 table: dict[str, int] = {}
                 for n in range(1, dev.connectors + 1):
@@ -497,10 +520,17 @@ class MqttFieldDriver(DriverBase):
         """Turn (topic, payload, receive ns) messages into one batch; bad ones dead-lettered."""
         rows = _Rows()
         for topic, payload, t_rcv in items:
+            mark = len(rows.series)
             try:
                 self._handle(topic, payload, t_rcv, rows)
             except Invalid as bad:
+                rows.truncate(mark)
                 self._reject(topic, payload, bad)
+            except Exception as exc:
+                # A parser bug must not stop the source: dead-letter the message, go on.
+                log.exception("%s: failed on a message from %s", self.name, topic)
+                rows.truncate(mark)
+                self._reject(topic, payload, Invalid("internal", f"{type(exc).__name__}"))
         return rows.batch()
 
     def _handle(self, topic: str, payload: bytes, t_rcv: int, rows: _Rows) -> None:
@@ -525,32 +555,32 @@ class MqttFieldDriver(DriverBase):
     def _bench(self, device: str, leaf: str, payload: bytes, t_rcv: int, rows: _Rows) -> None:
         if leaf != "telemetry":
             raise Invalid("bad_topic", f"bench message type {leaf!r} is not 'telemetry'")
-        msg = _validate(BenchTelemetry, _load_json(payload))
+        msg = _validate(BenchTelemetry, payload)
         seq = self._track(device, msg.seq)
         values = msg.__dict__
-        ts = msg.ts
-        for idx, name in self._bench_plan[device]:
-            v = values[name]
-            if v is not None:
-                rows.add(idx, float(v), ts, t_rcv, seq)
+        series, names = self._bench_plan[device]
+        vals = [values[name] for name in names]
+        if None in vals:  # optional sensors this bench does not have
+            keep = [i for i, v in enumerate(vals) if v is not None]
+            series, vals = [series[i] for i in keep], [vals[i] for i in keep]
+        rows.extend(series, vals, msg.ts, t_rcv, seq)
 
     def _charger(self, device: str, leaf: str, payload: bytes, m: _Msg) -> None:
         if leaf not in _CHARGER_LEAVES:
             msg = f"charger message type {leaf!r} is not status, meter or transaction"
             raise Invalid("bad_topic", msg)
-        data = _load_json(payload)
         if leaf == "status":
-            st = _validate(ChargerStatus, data)
+            st = _validate(ChargerStatus, payload)
             m.seq = self._track(device, st.seq)
             self._status_rows(m, st)
         elif leaf == "meter":
-            mt = _validate(ChargerMeter, data)
+            mt = _validate(ChargerMeter, payload)
             m.seq = self._track(device, mt.seq)
             for mv in mt.meterValue:
                 self._meter_rows(m, mt.connector, mv)
         else:
             try:
-                tx = parse_transaction(data)
+                tx = parse_transaction(_load_json(payload))
             except ValidationError as exc:
                 raise Invalid(*_validation_kind(exc)) from None
             m.seq = self._track(device, tx.seq)
@@ -607,17 +637,20 @@ class MqttFieldDriver(DriverBase):
             self._row(m, connector, channel, value, mv.timestamp)
         return energy
 
-    def _transaction_rows(self, m: _Msg, tx: TransactionV16 | TransactionV201) -> None:
-        if isinstance(tx, TransactionV16):
-            tx_id = str(tx.transactionId)
-            starting = tx.event == "start"
-            connector = tx.connectorId
-            if not starting:
-                connector = self._connector_of(m.device, tx_id, connector)
-            meter = tx.meterStart if starting else tx.meterStop
-            assert meter is not None
+    def _transaction_rows(
+        self, m: _Msg, tx: TransactionStartV16 | TransactionStopV16 | TransactionV201
+    ) -> None:
+        id_tag: str | None
+        meter: float | None
+        if isinstance(tx, TransactionStartV16):
+            tx_id, starting, connector = str(tx.transactionId), True, tx.connectorId
+            meter, id_tag = tx.meterStart, tx.idTag
             self._row(m, connector, "energy_wh", meter, tx.ts)
-            id_tag = tx.idTag
+        elif isinstance(tx, TransactionStopV16):
+            tx_id, starting = str(tx.transactionId), False
+            connector = self._connector_of(m.device, tx_id, tx.connectorId or 1)
+            meter, id_tag = tx.meterStop, tx.idTag
+            self._row(m, connector, "energy_wh", meter, tx.ts)
         else:
             tx_id = tx.transactionInfo.transactionId
             connector = tx.connector
@@ -679,6 +712,8 @@ class MqttFieldDriver(DriverBase):
 
     def _reject(self, topic: str, payload: bytes, bad: Invalid) -> None:
         scrubbed = scrub_id_tags(payload, self._pseudo)
+        if bad.kind == "oversized":
+            scrubbed = scrubbed[: self.config.max_payload_bytes]  # bounded dead letters
         self.ctx.dead_letter(topic, scrubbed, f"{bad.kind}: {bad.reason}")
         self.ctx.counters[f"mqtt_invalid_{bad.kind}"] += 1
         parts = topic.split("/")

@@ -17,6 +17,7 @@ from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _NS_PER_US = 1000
@@ -39,11 +40,12 @@ def parse_ts(value: Any) -> int:
             delta.days * 86_400 + delta.seconds
         ) * 1_000_000_000 + delta.microseconds * _NS_PER_US
     if isinstance(value, bool) or not isinstance(value, int | float):
-        msg = "timestamp must be an ISO 8601 string or epoch milliseconds"
-        raise TypeError(msg)
+        # A TypeError would escape pydantic; custom errors carry the type for the counters.
+        raise PydanticCustomError(
+            "timestamp_type", "timestamp must be an ISO 8601 string or epoch milliseconds"
+        )
     if not math.isfinite(value):
-        msg = "timestamp is not finite"
-        raise ValueError(msg)
+        raise PydanticCustomError("finite_number", "timestamp is not a finite number")
     return int(value * _NS_PER_MS)
 
 
@@ -59,16 +61,13 @@ def _ocpp_number(value: Any) -> float:
         try:
             out = float(value)
         except ValueError:
-            msg = "not a decimal number string"
-            raise ValueError(msg) from None
+            raise PydanticCustomError("float_parsing", "not a decimal number string") from None
     elif isinstance(value, int | float) and not isinstance(value, bool):
         out = float(value)
     else:
-        msg = "must be a number or a decimal string"
-        raise TypeError(msg)
+        raise PydanticCustomError("float_type", "must be a number or a decimal number string")
     if not math.isfinite(out):
-        msg = "must be a finite number"
-        raise ValueError(msg)
+        raise PydanticCustomError("finite_number", "Input should be a finite number")
     return out
 
 
@@ -205,30 +204,36 @@ class ChargerMeter(BaseModel):
         return self.evseId if self.evseId is not None else self.connectorId
 
 
-class TransactionV16(BaseModel):
-    """OCPP 1.6 Start/StopTransaction forwarded as ``{"event": "start"|"stop", ...}``."""
+class TransactionStartV16(BaseModel):
+    """OCPP 1.6 StartTransaction forwarded as ``{"event": "start", ...}``."""
 
     model_config = _STRICT
 
     ts: TimestampNs
     seq: Count
-    event: Literal["start", "stop"]
-    connectorId: Annotated[int, Field(ge=1)] = 1  # noqa: N815
+    event: Literal["start"]
+    connectorId: Annotated[int, Field(ge=1)]  # noqa: N815 - OCPP field name
+    transactionId: int | str  # noqa: N815
+    idTag: str  # noqa: N815
+    meterStart: OcppNumber  # noqa: N815
+
+
+class TransactionStopV16(BaseModel):
+    """OCPP 1.6 StopTransaction forwarded as ``{"event": "stop", ...}`` (no connector in 1.6)."""
+
+    model_config = _STRICT
+
+    ts: TimestampNs
+    seq: Count
+    event: Literal["stop"]
+    connectorId: Annotated[int, Field(ge=1)] | None = None  # noqa: N815
     transactionId: int | str  # noqa: N815
     idTag: str | None = None  # noqa: N815
-    meterStart: OcppNumber | None = None  # noqa: N815
-    meterStop: OcppNumber | None = None  # noqa: N815
+    meterStop: OcppNumber  # noqa: N815
     reason: str | None = None
 
-    @model_validator(mode="after")
-    def _fields_of_event(self) -> TransactionV16:
-        if self.event == "start" and (self.idTag is None or self.meterStart is None):
-            msg = "a start needs idTag and meterStart"
-            raise ValueError(msg)
-        if self.event == "stop" and self.meterStop is None:
-            msg = "a stop needs meterStop"
-            raise ValueError(msg)
-        return self
+
+TransactionV16 = TransactionStartV16 | TransactionStopV16
 
 
 class TransactionInfo(BaseModel):
@@ -278,11 +283,15 @@ class TransactionV201(BaseModel):
         return self.evse.id if self.evse is not None else 1
 
 
-def parse_transaction(data: dict[str, Any]) -> TransactionV16 | TransactionV201:
-    """Pick the OCPP version by its marker field (``eventType`` is 2.0.1), then validate."""
+def parse_transaction(
+    data: dict[str, Any],
+) -> TransactionStartV16 | TransactionStopV16 | TransactionV201:
+    """Pick the model by marker field (``eventType``: 2.0.1, ``event``: 1.6), then validate."""
     if "eventType" in data:
         return TransactionV201.model_validate(data)
-    return TransactionV16.model_validate(data)
+    if data.get("event") == "stop":
+        return TransactionStopV16.model_validate(data)
+    return TransactionStartV16.model_validate(data)
 
 
 MEASURANDS: dict[tuple[str, str | None], str] = {

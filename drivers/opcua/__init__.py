@@ -1,5 +1,1 @@
-"""OPC UA driver: config models and the subscription/poll driver (the only asyncua user in drivers)."""
-
-from drivers.opcua.config import OpcUaNode, OpcUaSource
-
-__all__ = ["OpcUaNode", "OpcUaSource"]
+"""OPC UA driver: config models (config.py) and the subscription/poll driver (driver.py)."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from pathlib import Path  # noqa: TC003 - pydantic needs it at runtime
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -73,7 +73,7 @@ class OpcUaSource(SourceConfig):
     security_policy: Literal["None", "Basic256Sha256"] = "None"
     security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
     client_cert_dir: Path | None = None
-    """Where the client certificate and key persist (generated on first start; keep it outside the repo)."""
+    """Where the client certificate and key persist (made on first start; not in the repo)."""
     trust_dir: Path | None = None
     """Trusted server certificates (DER or PEM, self-signed or their CA)."""
     trust_on_first_use: bool = False
@@ -105,7 +105,9 @@ class OpcUaSource(SourceConfig):
                 f"{where}: security_policy {self.security_policy!r} and security_mode "
                 f"{self.security_mode!r} must both be None or both be set"
             )
-        if self.security_policy != "None" and (self.client_cert_dir is None or self.trust_dir is None):
+        if self.security_policy != "None" and (
+            self.client_cert_dir is None or self.trust_dir is None
+        ):
             raise ValueError(f"{where}: security needs client_cert_dir and trust_dir")
         if self.trust_on_first_use and self.trust_dir is None:
             raise ValueError(f"{where}: trust_on_first_use needs trust_dir")
@@ -113,6 +115,10 @@ class OpcUaSource(SourceConfig):
             raise ValueError(f"{where}: username and password_env go together")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError(f"{where}: reconnect_max_s < reconnect_min_s")
+        self._check_nodes(where)
+        return self
+
+    def _check_nodes(self, where: str) -> None:
         seen: set[str] = set()
         for node in self.nodes:
             if node.channel in seen:
@@ -120,12 +126,15 @@ class OpcUaSource(SourceConfig):
             seen.add(node.channel)
             if node.browse_path is not None:
                 for prefix, _ in parse_browse_path(node.browse_path):
-                    if prefix is not None and not prefix.isdigit() and prefix not in self.namespaces:
+                    if (
+                        prefix is not None
+                        and not prefix.isdigit()
+                        and prefix not in self.namespaces
+                    ):
                         raise ValueError(
                             f"{where}: node {node.channel!r}: namespace alias {prefix!r} "
                             f"is not in namespaces {sorted(self.namespaces)}"
                         )
-        return self
 
     def channel_specs(self) -> list[ChannelSpec]:
         """One channel per configured node."""

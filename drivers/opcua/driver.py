@@ -1,4 +1,4 @@
-"""OPC UA driver: subscriptions (and optional polling) against one server endpoint.
+r"""OPC UA driver: subscriptions (and optional polling) against one server endpoint.
 
 Lifecycle of a session (connect builds up in steps and unwinds on failure):
 
@@ -27,12 +27,12 @@ import random
 import socket
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, NoReturn
 
 import numpy as np
-from asyncua import Client, ua
-from asyncua.crypto import cert_gen, uacrypto
+from asyncua import ua as _ua
+from asyncua.client.client import Client
+from asyncua.crypto import cert_gen
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from asyncua.crypto.truststore import TrustStore
 from cryptography import x509
@@ -56,10 +56,13 @@ from edge.errors import ConfigError, ConnectError, ReadError, SourceError
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
+    from pathlib import Path
 
     from asyncua.common.subscription import DataChangeNotif, Subscription
 
 _log = logging.getLogger(__name__)
+ua: Any = _ua
+"""asyncua's type module, untyped here: its NewTypes (Int16...) reject plain ints."""
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_BATCH = 50_000
@@ -69,7 +72,7 @@ _LOST = object()
 
 
 def datetime_to_ns(dt: datetime | None) -> int:
-    """ns since the epoch of an OPC UA DateTime (naive means UTC); NO_TIMESTAMP for None."""
+    """Ns since the epoch of an OPC UA DateTime (naive means UTC); NO_TIMESTAMP for None."""
     if dt is None:
         return int(NO_TIMESTAMP)
     if dt.tzinfo is None:
@@ -82,7 +85,7 @@ def quality_of(status: ua.StatusCode | None) -> int:
     """Quality code from the severity bits of a StatusCode: Good 0, Uncertain 1, Bad 2."""
     if status is None:
         return GOOD
-    severity = (status.value >> 30) & 0b11
+    severity = (int(status.value) >> 30) & 0b11
     return min(severity, BAD)  # 0b11 is reserved: treat it as Bad
 
 
@@ -150,7 +153,7 @@ class Backoff:
         self.attempt = 0
 
     def next(self) -> float:
-        """The next delay: uniform in [d/2, d] with d the capped exponential, never below minimum."""
+        """The next delay: uniform in [d/2, d], d capped exponential, never below minimum."""
         cap = min(self.maximum, self.minimum * 2.0**self.attempt)
         self.attempt = min(self.attempt + 1, 32)
         return max(self.minimum, random.uniform(cap / 2.0, cap))
@@ -177,7 +180,9 @@ class OpcUaDriver(DriverBase):
         for i, node in enumerate(config.nodes):
             index = series.get(config.area, config.device, node.channel)
             if index is None:
-                problems.append((f"nodes[{i}].channel", None, f"{node.channel!r} not in series table"))
+                problems.append(
+                    (f"nodes[{i}].channel", None, f"{node.channel!r} not in series table")
+                )
                 index = -1
             self._series.append(index)
         if problems:
@@ -202,7 +207,7 @@ class OpcUaDriver(DriverBase):
             await self._close_session(session)
 
     async def stream(self) -> AsyncIterator[SampleBatch]:
-        """Yield batches as the server pushes them (and polled nodes come due); reconnect on loss."""
+        """Yield batches as the server pushes them and polls come due; reconnect on loss."""
         while True:
             if self._session is None:
                 await self._reconnect()
@@ -230,7 +235,9 @@ class OpcUaDriver(DriverBase):
     def _where(self) -> str:
         return f"opcua device {self.config.device!r} at {self.config.endpoint}"
 
-    def _fail(self, what: str, exc: BaseException, kind: type[SourceError] = ConnectError) -> NoReturn:
+    def _fail(
+        self, what: str, exc: BaseException, kind: type[SourceError] = ConnectError
+    ) -> NoReturn:
         """Map an asyncua/OS exception to edge.errors, naming device, endpoint and step."""
         if isinstance(exc, SourceError):
             raise exc
@@ -250,20 +257,12 @@ class OpcUaDriver(DriverBase):
         client.name = client.description = f"tpo-edge {cfg.area}/{cfg.device}"
         client.application_uri = f"urn:tpo-edge:opcua-client:{socket.gethostname()}"
         # A short session timeout lets the server drop our old session soon after a reconnect.
-        client.session_timeout = max(30_000.0, cfg.watchdog_s * 3_000.0)
+        client.session_timeout = max(30_000, int(cfg.watchdog_s * 3_000))
         session = _Session(client)
         try:
             if cfg.security_policy != "None":
                 await self._setup_security(client)
-            if cfg.username is not None:
-                assert cfg.password_env is not None
-                password = os.environ.get(cfg.password_env)
-                if password is None:
-                    raise ConnectError(
-                        f"{self._where()}: environment variable {cfg.password_env} is not set"
-                    )
-                client.set_user(cfg.username)
-                client.set_password(password)
+            self._set_credentials(client)
             try:
                 async with asyncio.timeout(cfg.timeout_s * 2):
                     await client.connect()
@@ -285,6 +284,18 @@ class OpcUaDriver(DriverBase):
             session.max_nodes_per_read,
         )
         return session
+
+    def _set_credentials(self, client: Client) -> None:
+        """Username and the password from the environment variable the config names."""
+        cfg = self.config
+        if cfg.username is None or cfg.password_env is None:
+            return
+        password = os.environ.get(cfg.password_env)
+        if password is None:
+            msg = f"{self._where()}: environment variable {cfg.password_env} is not set"
+            raise ConnectError(msg)
+        client.set_user(cfg.username)
+        client.set_password(password)
 
     async def _close_session(self, session: _Session) -> None:
         client = session.client
@@ -335,7 +346,9 @@ class OpcUaDriver(DriverBase):
             raise ConnectError(
                 f"{self._where()}: server offers no endpoint Basic256Sha256/{cfg.security_mode}"
             ) from exc
-        der = uacrypto.der_from_x509(uacrypto.x509_from_der(endpoint.ServerCertificate))
+        # The endpoint may carry a chain; the first certificate is the server's own.
+        first = x509.load_der_x509_certificate(_first_der(endpoint.ServerCertificate))
+        der = first.public_bytes(serialization.Encoding.DER)
         await self._check_trust(der)
         try:
             await client.set_security(
@@ -362,7 +375,10 @@ class OpcUaDriver(DriverBase):
             key,
             f"tpo-edge {socket.gethostname()}",
             {"organizationName": "tpo-edge"},
-            [x509.UniformResourceIdentifier(client.application_uri), x509.DNSName(socket.gethostname())],
+            [
+                x509.UniformResourceIdentifier(client.application_uri),
+                x509.DNSName(socket.gethostname()),
+            ],
             extended=[ExtendedKeyUsageOID.CLIENT_AUTH],
             days=3650,
         )
@@ -400,7 +416,11 @@ class OpcUaDriver(DriverBase):
             rejected = cfg.client_cert_dir / "rejected" / f"{fingerprint[:16]}.der"
             rejected.parent.mkdir(parents=True, exist_ok=True)
             rejected.write_bytes(der)
-        hint = f"; it was saved to {rejected}, move it into {trust_dir} to trust it" if rejected else ""
+        hint = (
+            f"; it was saved to {rejected}, move it into {trust_dir} to trust it"
+            if rejected
+            else ""
+        )
         raise ConnectError(
             f"{self._where()}: server certificate sha256:{fingerprint[:16]} "
             f"({cert.subject.rfc4514_string()}) is not trusted{hint}"
@@ -408,9 +428,7 @@ class OpcUaDriver(DriverBase):
 
     async def _namespace_indexes(self, client: Client) -> dict[str, int]:
         cfg = self.config
-        if not cfg.namespaces and not any(
-            (n.node_id or "").startswith("nsu=") for n in cfg.nodes
-        ):
+        if not cfg.namespaces and not any((n.node_id or "").startswith("nsu=") for n in cfg.nodes):
             return {}
         try:
             async with asyncio.timeout(cfg.timeout_s):
@@ -432,12 +450,16 @@ class OpcUaDriver(DriverBase):
         if text.startswith("nsu="):
             uri, _, rest = text[4:].partition(";")
             if f"uri:{uri}" not in ns:
-                raise ConnectError(f"{self._where()}: node {node.channel!r}: namespace {uri} unknown")
+                raise ConnectError(
+                    f"{self._where()}: node {node.channel!r}: namespace {uri} unknown"
+                )
             text = f"ns={ns[f'uri:{uri}']};{rest}"
         try:
             return ua.NodeId.from_string(text)
         except Exception as exc:
-            raise ConnectError(f"{self._where()}: node {node.channel!r}: bad node_id {text!r}") from exc
+            raise ConnectError(
+                f"{self._where()}: node {node.channel!r}: bad node_id {text!r}"
+            ) from exc
 
     def _relative_path(self, path: str, ns: dict[str, int]) -> ua.RelativePath:
         rel = ua.RelativePath()
@@ -454,7 +476,7 @@ class OpcUaDriver(DriverBase):
         return rel
 
     async def _resolve(self, client: Client) -> list[ua.NodeId]:
-        """NodeIds of every configured node; browse paths translated in batches, once per session."""
+        """NodeIds of every configured node; browse paths translated in batches per session."""
         cfg = self.config
         ns = await self._namespace_indexes(client)
         ids: list[ua.NodeId | None] = [None] * len(cfg.nodes)
@@ -481,7 +503,10 @@ class OpcUaDriver(DriverBase):
                 self._fail("TranslateBrowsePathsToNodeIds", exc)
             for (i, _), result in zip(part, results, strict=True):
                 if result.StatusCode.is_good() and result.Targets:
-                    ids[i] = ua.NodeId(result.Targets[0].TargetId.Identifier, result.Targets[0].TargetId.NamespaceIndex)
+                    ids[i] = ua.NodeId(
+                        result.Targets[0].TargetId.Identifier,
+                        result.Targets[0].TargetId.NamespaceIndex,
+                    )
                 else:
                     node = cfg.nodes[i]
                     missing.append(f"{node.channel} ({node.browse_path}: {result.StatusCode.name})")
@@ -492,7 +517,9 @@ class OpcUaDriver(DriverBase):
     async def _read_limit(self, client: Client) -> int:
         """The server's MaxNodesPerRead (0 means no limit), else the configured fallback."""
         fallback = self.config.max_nodes_per_read
-        node = client.get_node(ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead)
+        node = client.get_node(
+            ua.ObjectIds.Server_ServerCapabilities_OperationLimits_MaxNodesPerRead
+        )
         try:
             async with asyncio.timeout(self.config.timeout_s):
                 value = await node.read_value()
@@ -617,7 +644,7 @@ class OpcUaDriver(DriverBase):
         for item, extra in items:
             if item is _LOST:
                 if extra is session.handler:  # markers of earlier sessions are stale
-                    session.lost = f"subscription status {extra.status}"
+                    session.lost = f"subscription status {extra.status}"  # type: ignore[union-attr]
                 continue
             index = handles.get(item.ClientHandle)
             if index is None:  # a notification from a previous session's handles
@@ -681,6 +708,13 @@ class OpcUaDriver(DriverBase):
         )
 
 
+def _first_der(data: bytes) -> bytes:
+    """The first certificate of a DER chain (outer SEQUENCE with a two-byte length)."""
+    if len(data) > 4 and data[1] == 0x82:
+        return data[: int.from_bytes(data[2:4], "big") + 4]
+    return data
+
+
 def _trusted_fingerprints(trust_dir: Path) -> set[str]:
     """sha256 of every DER/PEM certificate in the trust directory."""
     out: set[str] = set()
@@ -691,9 +725,7 @@ def _trusted_fingerprints(trust_dir: Path) -> set[str]:
         if suffix in {".der", ".cer", ".crt"}:
             data = path.read_bytes()
             with contextlib.suppress(ValueError):
-                data = x509.load_pem_x509_certificate(data).public_bytes(
-                    serialization.Encoding.DER
-                )
+                data = x509.load_pem_x509_certificate(data).public_bytes(serialization.Encoding.DER)
             out.add(hashlib.sha256(data).hexdigest())
         elif suffix == ".pem":
             with contextlib.suppress(ValueError):

@@ -161,11 +161,9 @@ async def test_poll_250_nodes_against_limit_100() -> None:
             ids = [client.get_node(sim.nodeid("M00", c.channel)) for c in MACHINE_TOOL_CHANNELS]
             with pytest.raises(ua.uaerrors.BadTooManyOperations):
                 await client.read_attributes(ids * 14)
-        driver, ctx = make_driver(sim.endpoint, names, mode="poll", poll_interval_s=0.3)
-        nodes = driver.config.nodes[:250]
-        driver, ctx = make_driver(
-            sim.endpoint, names, nodes=[n.model_dump() for n in nodes], poll_interval_s=0.3
-        )
+        every, _ = make_driver(sim.endpoint, names, mode="poll")
+        nodes = [n.model_dump() for n in every.config.nodes[:250]]
+        driver, ctx = make_driver(sim.endpoint, names, nodes=nodes, poll_interval_s=0.3)
         # ... while the driver splits by the advertised MaxNodesPerRead.
         async with driver:
             data = await collect(driver, lambda b: len(b) >= 500)

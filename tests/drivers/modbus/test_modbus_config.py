@@ -97,3 +97,10 @@ def test_sample_yaml_is_valid() -> None:
     src = ModbusSource.model_validate(yaml.safe_load(SAMPLE.read_text()))
     assert src.type == "modbus"
     assert all(isinstance(r, ModbusRegister) for r in src.registers)
+
+
+def test_sample_yaml_matches_the_simulator_table() -> None:
+    from sim.modbus import SDM630_REGISTERS  # noqa: PLC0415
+
+    src = ModbusSource.model_validate(yaml.safe_load(SAMPLE.read_text()))
+    assert src.registers == SDM630_REGISTERS

@@ -88,7 +88,12 @@ def test_extra_field_and_secret_shape() -> None:
 def test_channel_specs_follow_sim_table() -> None:
     src = _source(
         nodes=[
-            {"channel": c.channel, "browse_path": c.browse_path("Mill-1"), "unit": c.unit, "codes": c.codes}
+            {
+                "channel": c.channel,
+                "browse_path": c.browse_path("Mill-1"),
+                "unit": c.unit,
+                "codes": c.codes,
+            }
             for c in MACHINE_TOOL_CHANNELS
         ]
     )
@@ -97,3 +102,16 @@ def test_channel_specs_follow_sim_table() -> None:
     assert specs[0].codes == ("NotAvailable", "OutOfService", "NotExecuting", "Executing")
     assert {s.device for s in specs} == {"Mill-1"}
     assert all(c.channel.count(".") >= 1 for c in PACKML_CHANNELS)
+
+
+def test_sample_yaml_is_valid() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    import drivers.opcua
+
+    path = Path(drivers.opcua.__file__).with_name("sample.yaml")
+    src = OpcUaSource.model_validate(yaml.safe_load(path.read_text()))
+    assert src.security_mode == "SignAndEncrypt"
+    assert {n.mode for n in src.nodes} == {"subscribe", "poll"}
