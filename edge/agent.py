@@ -31,6 +31,7 @@ from drivers.base import Driver, DriverContext, SampleBatch, driver_class, now_n
 from edge import payload as wire
 from edge.backbone import Backbone
 from edge.errors import SourceError
+from edge.kpi import KpiEngine
 from edge.outbox import MemoryOutbox, OutboxItem
 
 if TYPE_CHECKING:
@@ -91,6 +92,7 @@ class Agent:
         self.outbox = MemoryOutbox(site.agent.outbox_max_bytes, site.agent.outbox_full)
         self.stats: dict[tuple[str, str], DeviceStats] = {}
         self._on_batch = on_batch
+        self.kpi = KpiEngine(site, self.table, self.counters) if site.kpi.enabled else None
         devices = self.table.devices()
         dev_index = {d: i for i, d in enumerate(devices)}
         self._devices = devices
@@ -145,6 +147,7 @@ class Agent:
                 batcher = tg.create_task(self._batcher(), name="edge.batcher")
                 publisher = tg.create_task(self._publisher(backbone), name="edge.publisher")
                 metrics = tg.create_task(self._metrics(backbone), name="edge.metrics")
+                kpi = self.kpi and tg.create_task(self.kpi.run(self.outbox), name="edge.kpi")
                 self.started.set()
                 await self._stopping.wait()
                 # 1. sources: polled ones finish the read in progress; pushed ones are cancelled.
@@ -153,6 +156,9 @@ class Agent:
                 # 2. pipeline drain: every pending device batch into the outbox.
                 batcher.cancel()
                 await self._flush(force=True)
+                if self.kpi is not None and kpi:  # open KPI windows, before the outbox drains
+                    kpi.cancel()
+                    await self.kpi.drain(self.outbox)
                 # 3. outbox flush, bounded: what is not acknowledged by then is counted lost.
                 try:
                     async with asyncio.timeout(15.0):
@@ -271,6 +277,8 @@ class Agent:
         self.counters["samples_read"] += len(batch)
         if self._on_batch is not None:
             self._on_batch(batch)
+        if self.kpi is not None:
+            self.kpi.add(batch)
         device = self._device_of_series[batch.series]
         order = np.argsort(device, kind="stable")
         bounds = np.flatnonzero(np.diff(device[order])) + 1

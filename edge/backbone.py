@@ -76,10 +76,12 @@ class Backbone:
         self._first_connect: asyncio.Future[None] = self._loop.create_future()
         self._closing = False
 
+        self._v5 = config.protocol == "5"
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=client_id,
-            protocol=MQTTProtocolVersion.MQTTv5,
+            protocol=MQTTProtocolVersion.MQTTv5 if self._v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if self._v5 else not persistent_session,
             manual_ack=manual_ack,
         )
         client.max_inflight_messages_set(max_inflight)
@@ -109,17 +111,22 @@ class Backbone:
         self._closing = False
         if self._first_connect.done():
             self._first_connect = self._loop.create_future()
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent_session else 0
         where = f"{self.config.host}:{self.config.port}"
         try:
-            self._client.connect_async(
-                self.config.host,
-                self.config.port,
-                keepalive=self.config.keepalive_s,
-                clean_start=not self.persistent_session,
-                properties=props,
-            )
+            if self._v5:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent_session else 0
+                self._client.connect_async(
+                    self.config.host,
+                    self.config.port,
+                    keepalive=self.config.keepalive_s,
+                    clean_start=not self.persistent_session,
+                    properties=props,
+                )
+            else:
+                self._client.connect_async(
+                    self.config.host, self.config.port, keepalive=self.config.keepalive_s
+                )
             self._client.loop_start()
             async with asyncio.timeout(timeout_s):
                 await self._first_connect

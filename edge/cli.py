@@ -163,6 +163,12 @@ def demo(
     scenario: Annotated[Path | None, typer.Option(help="Simulator scenario file.")] = None,
     workdir: Annotated[Path | None, typer.Option(help="Where servers keep their files.")] = None,
     live: Annotated[bool, typer.Option(help="Show the live table.")] = True,
+    broker: Annotated[
+        str, typer.Option(help="auto (mosquitto if installed), mosquitto or python.")
+    ] = "auto",
+    database: Annotated[
+        str, typer.Option(help="auto (influxd if installed), influxd or sqlite.")
+    ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Run a simulated campus through the whole platform and count every sample per stage."""
@@ -170,7 +176,17 @@ def demo(
     from edge.demo import Demo  # noqa: PLC0415
 
     try:
-        runner = Demo(site_file=site_file, scenario=scenario, workdir=workdir, duration_s=duration)
+        if broker not in {"auto", "mosquitto", "python"} or database not in {"auto", "influxd", "sqlite"}:
+            console.print("[red]--broker: auto|mosquitto|python, --database: auto|influxd|sqlite[/red]")
+            raise typer.Exit(2)
+        runner = Demo(
+            site_file=site_file,
+            scenario=scenario,
+            workdir=workdir,
+            duration_s=duration,
+            broker=broker,  # type: ignore[arg-type]
+            database=database,  # type: ignore[arg-type]
+        )
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]", highlight=False)
         raise typer.Exit(2) from exc

@@ -56,6 +56,8 @@ class BrokerConfig(Model):
     tls: TlsConfig | None = None
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     qos: Literal[0, 1] = 1
+    protocol: Literal["5", "3.1.1"] = "5"
+    """MQTT version; 3.1.1 only for brokers without MQTT 5 (no shared subscriptions then)."""
 
     def password(self) -> str | None:
         """The password from the environment, or None."""

@@ -18,7 +18,7 @@ import tempfile
 import time
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from rich.live import Live
 from rich.table import Table
@@ -53,12 +53,16 @@ class Demo:
         scenario: Path | None = None,
         workdir: Path | None = None,
         duration_s: float = 30.0,
+        broker: Literal["auto", "mosquitto", "python"] = "auto",
+        database: Literal["auto", "influxd", "sqlite"] = "auto",
     ) -> None:
         """Load the site and scenario (ConfigError on a bad file)."""
         self.site_file = site_file or example_site_path()
         self.site = load_site(self.site_file)
         self.scenario = load_scenario(scenario or example_scenario_path())
         self.duration_s = duration_s
+        self.broker_choice = broker
+        self.database_choice = database
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if workdir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="tpo-demo-")
@@ -83,7 +87,10 @@ class Demo:
             await campus.start(paused=True)
             stack.push_async_callback(campus.stop)
             site = campus.patch_site(
-                self.site, broker=(broker_host, broker_port), database=self.site.database
+                self.site,
+                broker=(broker_host, broker_port),
+                database=self.site.database,
+                protocol="5" if broker_kind == "mosquitto" else "3.1.1",
             )
             ingest = Ingest(site, sink, client_id=f"tpo-demo-ingest-{time.time_ns()}")
             ingest_task = asyncio.create_task(ingest.run(), name="demo.ingest")
@@ -128,7 +135,10 @@ class Demo:
         return self.summary
 
     async def _start_broker(self, stack: contextlib.AsyncExitStack) -> tuple[str, int, str]:
-        if find_binary("mosquitto"):
+        use_mosquitto = self.broker_choice == "mosquitto" or (
+            self.broker_choice == "auto" and find_binary("mosquitto") is not None
+        )
+        if use_mosquitto:
             broker = Mosquitto(self.workdir / "mosquitto").start()
             stack.callback(broker.stop)
             return broker.host, broker.port, "mosquitto"
@@ -139,7 +149,10 @@ class Demo:
         return host, port, "python"
 
     async def _start_database(self, stack: contextlib.AsyncExitStack) -> tuple[Sink, Any, str]:
-        if find_binary("influxd"):
+        use_influxd = self.database_choice == "influxd" or (
+            self.database_choice == "auto" and find_binary("influxd") is not None
+        )
+        if use_influxd:
             server = Influxd(self.workdir / "influxd").start()
             stack.callback(server.stop)
             from edge.influx import InfluxV1Writer  # noqa: PLC0415

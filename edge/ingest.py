@@ -27,7 +27,8 @@ import numpy as np
 from edge import lineprotocol as lp
 from edge import payload as wire
 from edge.backbone import Backbone, Message
-from edge.errors import DecodeError, SinkError
+from edge.errors import DecodeError, SinkError, SinkRejectedError
+from edge.kpi import KpiIngest
 
 if TYPE_CHECKING:
     from edge.config import SiteConfig
@@ -86,7 +87,12 @@ def samples_to_lines(msg: wire.DecodedSamples) -> lp.Encoded:
 def deadletter_line(site: str, topic: str, reason: str, size: int) -> lp.Encoded:
     """One ``deadletter`` point recording a message ingest could not use."""
     quoted = reason.replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
-    tags = lp.tag_set({"site": site, "topic": topic})
+    try:
+        tags = lp.tag_set({"site": site, "topic": topic})
+    except ValueError:
+        # A hostile topic (newline, trailing backslash) must not stop the record itself.
+        clean = "".join(c if c.isprintable() and c != "\\" else "_" for c in topic)
+        tags = lp.tag_set({"site": site, "topic": clean})
     line = f'deadletter,{tags} reason="{quoted}",bytes={size}i {time.time_ns()}\n'
     return lp.Encoded(line.encode(), 1, 0)
 
@@ -103,12 +109,14 @@ class Ingest:
         self.ready = asyncio.Event()
         self._stopping = asyncio.Event()
         self._backbone: Backbone | None = None
+        self.kpi = KpiIngest(site)  # KPI messages: stored, link histograms merged
 
     def topics(self) -> list[str]:
         """Subscriptions, shared when a share group is configured."""
         base = [f"{wire.PREFIX}/{self.site.site}/+/+/data"]
         group = self.site.ingest.share_group
-        return [f"$share/{group}/{t}" for t in base] if group else base
+        shared = [f"$share/{group}/{t}" for t in base] if group else base
+        return [*shared, self.kpi.topic()]  # not shared: every worker merges every window
 
     def stop(self) -> None:
         """Ask for an orderly shutdown: the current batch is written and acknowledged."""
@@ -162,7 +170,11 @@ class Ingest:
                     if getter.done() and not getter.cancelled():
                         backbone.messages.put_nowait(getter.result())
                 if points >= cfg.batch_points or loop.time() >= deadline or stopping in done:
-                    if held:
+                    final = stopping in done and backbone.messages.empty()
+                    merged = self.kpi.due(time.time_ns(), final=final)  # merged link KPIs
+                    chunks.append(merged.data)
+                    points += merged.lines
+                    if held or merged.lines:
                         await self._write(b"".join(chunks), points)
                         for m in held:
                             backbone.ack(m)
@@ -175,6 +187,11 @@ class Ingest:
 
     def _encode(self, message: Message) -> lp.Encoded | None:
         self.stats.messages += 1
+        if message.topic.endswith("/kpi"):
+            try:
+                return self.kpi.encode(message.topic, message.payload)
+            except DecodeError as exc:
+                return self._reject(message, f"{exc}")
         try:
             decoded = wire.decode_samples(message.payload)
         except DecodeError as exc:
@@ -210,6 +227,13 @@ class Ingest:
             try:
                 if data:
                     await self.sink.write(data)
+            except SinkRejectedError as exc:
+                # The database refused some lines for good (a field type conflict, say) and
+                # stored the rest, as InfluxDB's partial write does: retrying cannot help.
+                self.stats.rejected["database_rejected"] += 1
+                log.error("ingest: database rejected part of a %d-point batch: %s", points, exc)
+                await self._write(deadletter_line(self.site.site, "_ingest", str(exc), len(data)).data, 1)
+                return
             except SinkError as exc:
                 # The sink already retried transient errors; keep the messages unacknowledged
                 # and try again, so the broker holds them meanwhile.

@@ -160,7 +160,12 @@ class Campus:
             await self.stop()
 
     def patch_site(
-        self, site: SiteConfig, *, broker: tuple[str, int], database: DatabaseConfig
+        self,
+        site: SiteConfig,
+        *,
+        broker: tuple[str, int],
+        database: DatabaseConfig,
+        protocol: str = "5",
     ) -> SiteConfig:
         """The site with the simulator's endpoints, the broker and the database patched in.
 
@@ -191,7 +196,9 @@ class Campus:
         return site.model_copy(
             update={
                 "sources": tuple(sources),
-                "broker": site.broker.model_copy(update={"host": broker[0], "port": broker[1]}),
+                "broker": site.broker.model_copy(
+                    update={"host": broker[0], "port": broker[1], "protocol": protocol}
+                ),
                 "database": database,
             }
         )

@@ -384,6 +384,7 @@ class OpcUaServerSim:
         if self._rt is not None:
             return
         self._rt = await self._build()
+        await self._prime()
         await self._rt.server.start()
         self._task = asyncio.create_task(self._run(), name=f"sim[opcua:{self.port}].update")
         _log.info("OPC UA sim listening on %s", self.endpoint)
@@ -422,6 +423,7 @@ class OpcUaServerSim:
             await self._rt.server.stop()
         await asyncio.sleep(downtime_s)
         self._rt = fresh
+        await self._prime()
         await fresh.server.start()
         self._task = asyncio.create_task(self._run(), name=f"sim[opcua:{self.port}].update")
 
@@ -611,14 +613,24 @@ class OpcUaServerSim:
                     due[name] = max(when + interval, now)  # no catch-up bursts after a stall
             await asyncio.sleep(max(min(due.values()) - loop.time(), 0.0))
 
+    async def _prime(self) -> None:
+        """Write every machine's current values into a fresh address space, silenced or not.
+
+        A new subscription's first notification carries each node's current value;
+        priming makes that value one the ground truth has, not a placeholder 0.
+        """
+        now = asyncio.get_running_loop().time()
+        for name in self._models:
+            await self._update(name, now, prime=True)
+
     def _silent(self, machine: str, now: float) -> bool:
         return self._silent_until.get(machine, 0.0) > now or self._silent_until.get(None, 0.0) > now
 
-    async def _update(self, machine: str, now: float) -> None:
+    async def _update(self, machine: str, now: float, *, prime: bool = False) -> None:
         rt = self._rt
         assert rt is not None
         values = self._models[machine].step()
-        if self._silent(machine, now):
+        if self._silent(machine, now) and not prime:
             return
         ts_ns = _stamp_ns()
         stamp = _to_datetime(ts_ns)

@@ -159,6 +159,8 @@ class MqttFieldSource(SourceConfig):
     """Messages held between the paho thread and the parser; a full queue drops and counts."""
     max_batch: int = Field(default=2048, ge=1)
     """Messages parsed into one SampleBatch at most."""
+    linger_s: float = Field(default=0.002, ge=0.0, le=1.0)
+    """After the first message of a burst, wait this long so the batch fills (adds latency)."""
 
     @field_validator("topics")
     @classmethod

@@ -16,6 +16,7 @@ import math
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
+import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
@@ -309,3 +310,53 @@ MEASURANDS: dict[tuple[str, str | None], str] = {
     ("SoC", None): "soc",
 }
 """(measurand, phase) -> channel; anything else is counted as ``mqtt_unmapped_measurand``."""
+
+
+_BENCH_FLOATS = frozenset({"pv_w", "pv_wh_total", "batt_v", "temp_c", "rh_pct", "rssi_dbm"})
+_BENCH_COUNTS = frozenset({"usb_active", "qi_active", "sessions_today"})
+_BENCH_OPTIONAL_FLOATS = frozenset({"pm2_5", "noise_dba"})
+
+
+def fast_bench(payload: bytes, names: tuple[str, ...]) -> tuple[int, int, list[Any]] | None:
+    """(ts ns, seq, values in ``names`` order) of a well-formed telemetry payload, else None.
+
+    The hot path: accepts a strict subset of what :class:`BenchTelemetry` accepts
+    (checked by a property test), so anything unusual, and every error, goes to
+    the pydantic model, which gives the precise reason. orjson rejects NaN and
+    infinity outright, so the values here are finite.
+    """
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    if type(data) is not dict:
+        return None
+    seq, ts = data.get("seq"), data.get("ts")
+    if type(seq) is not int or seq < 0 or type(ts) is not str:
+        return None
+    try:
+        ts_ns = parse_ts(ts)
+    except ValueError:
+        return None
+    soc = data.get("batt_soc_pct")
+    if type(soc) not in {int, float} or not 0 <= soc <= 100:
+        return None
+    if type(data.get("protect_mode")) is not bool:
+        return None
+    occupancy = data.get("occupancy")
+    if occupancy is not None and (type(occupancy) is not int or occupancy < 0):
+        return None
+    values = []
+    for name in names:
+        v = data.get(name)
+        t = type(v)
+        if name in _BENCH_FLOATS:
+            if t is not float and t is not int:
+                return None
+        elif name in _BENCH_COUNTS:
+            if t is not int or v < 0:
+                return None
+        elif name in _BENCH_OPTIONAL_FLOATS and v is not None and t is not float and t is not int:
+            return None
+        values.append(v)
+    return ts_ns, seq, values

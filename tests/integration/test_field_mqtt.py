@@ -278,10 +278,8 @@ async def test_full_queue_drops_are_counted(mosquitto: Mosquitto) -> None:
         await sim.start()
         await sim.wait_done()
         await sim.stop()
-        # Nobody consumed: 5 queued, the rest dropped and counted, none silently lost.
-        async with asyncio.timeout(5):
-            while ctx.counters["mqtt_queue_full"] < 35:
-                await asyncio.sleep(0.01)
+        # Nobody consumed: 5 queued, the rest dropped and counted (on the next drain).
+        await asyncio.sleep(0.5)  # the broker forwards what it acknowledged to the driver
         batches = []
         async with asyncio.timeout(2):
             async for batch in driver.stream():

@@ -64,8 +64,20 @@ REGISTERS = [
     {"channel": "f_dcba", "table": "holding", "address": 6, "type": "float32", "order": "DCBA"},
     {"channel": "f_wrong", "table": "holding", "address": 2, "type": "float32", "order": "ABCD"},
     # libmodbus' own setters, read with the order they really put on the wire (see the C file)
-    {"channel": "lib_abcd", "table": "holding", "address": 30, "type": "float32", "order": LIB_ABCD},
-    {"channel": "lib_cdab", "table": "holding", "address": 32, "type": "float32", "order": LIB_CDAB},
+    {
+        "channel": "lib_abcd",
+        "table": "holding",
+        "address": 30,
+        "type": "float32",
+        "order": LIB_ABCD,
+    },
+    {
+        "channel": "lib_cdab",
+        "table": "holding",
+        "address": 32,
+        "type": "float32",
+        "order": LIB_CDAB,
+    },
     {"channel": "i16", "table": "holding", "address": 8, "type": "int16"},
     {"channel": "u16", "table": "holding", "address": 9, "type": "uint16", "scale": 0.01},
     {"channel": "u32", "table": "holding", "address": 10, "type": "uint32"},

@@ -80,14 +80,21 @@ async def test_stored_values_equal_served_values(gateway: ModbusServerSim) -> No
     assert all(49 < v < 51 for v in got[("umg-1", "frequency")])
 
 
-@pytest.mark.parametrize(("fault", "reason"), [("exception_02", "exception_02"),
-                                               ("exception_04", "exception_04"),
-                                               ("exception_0B", "exception_0b")])
+@pytest.mark.parametrize(
+    ("fault", "reason"),
+    [
+        ("exception_02", "exception_02"),
+        ("exception_04", "exception_04"),
+        ("exception_0B", "exception_0b"),
+    ],
+)
 async def test_exception_faults_give_bad_nan_and_recover(
     gateway: ModbusServerSim, fault: str, reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.DEBUG, logger="drivers.modbus.driver")
-    driver = _driver(gateway.by_name["meter-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST))
+    driver = _driver(
+        gateway.by_name["meter-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST)
+    )
     async with driver:
         good = await driver.read_batch()
         assert (good.quality == GOOD).all()
@@ -111,11 +118,15 @@ async def test_exception_faults_give_bad_nan_and_recover(
     assert "address 0 count 18" in warnings[0].getMessage()
     assert f"exception {fault[-2:].upper()}" in warnings[0].getMessage()
     assert any(r.levelno == logging.DEBUG and "failure 2" in r.getMessage() for r in caplog.records)
-    assert sum("recovered" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO) == len(driver.plan)
+    assert sum(
+        "recovered" in r.getMessage() for r in caplog.records if r.levelno == logging.INFO
+    ) == len(driver.plan)
 
 
 async def test_timeout_returns_quickly_and_backs_off(gateway: ModbusServerSim) -> None:
-    driver = _driver(gateway.by_name["comp-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST))
+    driver = _driver(
+        gateway.by_name["comp-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST)
+    )
     async with driver:
         gateway.inject("comp-1", "timeout", 0.6)
         t0 = time.perf_counter()
@@ -138,13 +149,15 @@ async def test_timeout_returns_quickly_and_backs_off(gateway: ModbusServerSim) -
 
 
 async def test_slow_replies(gateway: ModbusServerSim) -> None:
-    driver = _driver(gateway.by_name["meter-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST))
+    driver = _driver(
+        gateway.by_name["meter-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST)
+    )
     async with driver:
         gateway.inject("meter-1", "slow", 0.5, delay_s=0.05)
         batch = await driver.read_batch()
         assert (batch.quality == GOOD).all()  # slower than usual, within the timeout
         assert gateway.truth is not None
-        assert all(r.dropped for r in gateway.truth.records()[-len(batch):])
+        assert all(r.dropped for r in gateway.truth.records()[-len(batch) :])
         gateway.inject("meter-1", "slow", 0.5, delay_s=0.5)
         batch = await driver.read_batch()
         assert (batch.quality == BAD).all()
@@ -152,7 +165,9 @@ async def test_slow_replies(gateway: ModbusServerSim) -> None:
 
 
 async def test_silence_drops_the_connection_and_reconnects(gateway: ModbusServerSim) -> None:
-    driver = _driver(gateway.by_name["umg-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST))
+    driver = _driver(
+        gateway.by_name["umg-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST)
+    )
     async with driver:
         gateway.inject("umg-1", "silence", 0.3)
         batch = await driver.read_batch()
@@ -169,8 +184,12 @@ async def test_silence_drops_the_connection_and_reconnects(gateway: ModbusServer
 
 
 async def test_one_dead_unit_never_stalls_another(gateway: ModbusServerSim) -> None:
-    healthy = _driver(gateway.by_name["meter-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST))
-    dead = _driver(gateway.by_name["comp-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST))
+    healthy = _driver(
+        gateway.by_name["meter-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST)
+    )
+    dead = _driver(
+        gateway.by_name["comp-1"].source_config("hall", "127.0.0.1", gateway.port, **FAST)
+    )
     gateway.inject("comp-1", "timeout", 5)
     polls = {"healthy": 0, "dead": 0}
     good = {"healthy": 0, "dead": 0}
@@ -212,7 +231,9 @@ async def test_connect_error_names_the_device() -> None:
 
 
 async def test_device_spec_builds_devices() -> None:
-    spec = ModbusDeviceSpec(kind="umg604", name="umg-2", unit_id=9, order="DCBA", max_block=40, seed=5)
+    spec = ModbusDeviceSpec(
+        kind="umg604", name="umg-2", unit_id=9, order="DCBA", max_block=40, seed=5
+    )
     dev = spec.build()
     assert dev.max_block == 40
     assert all(r.order == "DCBA" for r in dev.registers)

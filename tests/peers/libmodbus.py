@@ -48,7 +48,7 @@ def build() -> Path:
 
 def start(port: int = 0, timeout_s: float = 10.0) -> tuple[subprocess.Popen[str], int]:
     """Run the server on 127.0.0.1; return the process and the port it listens on."""
-    proc = subprocess.Popen(  # noqa: S603 - our own binary
+    proc = subprocess.Popen(
         [str(build()), str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -98,7 +98,9 @@ def test_float64_round_trip(value: float, order: str) -> None:
     assert decode(encode(value, "float64", order), "float64", order) == value
 
 
-@given(words=st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2), order=st.sampled_from(ORDERS))
+@given(
+    words=st.lists(st.integers(0, 0xFFFF), min_size=2, max_size=2), order=st.sampled_from(ORDERS)
+)
 def test_decode_encode_is_identity_on_words(words: list[int], order: str) -> None:
     value = decode(words, "uint32", order)
     assert encode(value, "uint32", order) == words

@@ -130,7 +130,7 @@ def test_stop_without_start_gives_no_session_energy() -> None:
     ("topic", "payload", "kind", "reason"),
     [
         ("field/bench/bench-01/telemetry", b"{not json", "not_json", "not JSON"),
-        ("field/bench/bench-01/telemetry", b"[1,2]", "schema", "JSON list, not an object"),
+        ("field/bench/bench-01/telemetry", b"[1,2]", "schema", "<root>: Input should be an object"),
         ("field/bench/bench-01/telemetry", bench(pv_w="x"), "wrong_type", "pv_w: Input should be a valid number"),
         ("field/bench/bench-01/telemetry", bench().replace(b'"batt_v":12.9', b'"batt_v":NaN'), "non_finite", "batt_v"),
         ("field/bench/bench-01/telemetry", bench().replace(b'"batt_v":12.9', b'"batt_v":1e999'), "non_finite", "batt_v"),
