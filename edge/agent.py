@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import logging
 import random
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -35,6 +35,8 @@ from edge.kpi import KpiEngine
 from edge.outbox import MemoryOutbox, OutboxItem
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from edge.config import SiteConfig
 
 log = logging.getLogger(__name__)
@@ -339,10 +341,10 @@ class Agent:
             fut = backbone.publish(
                 item.topic, item.payload, qos=self.site.broker.qos, retain=item.retain
             )
-            fut.add_done_callback(lambda f, it=item: self._acked(f, it, window))
+            fut.add_done_callback(functools.partial(self._acked, item=item, window=window))
 
     def _acked(
-        self, fut: asyncio.Future[None], item: OutboxItem, window: asyncio.Semaphore
+        self, fut: asyncio.Future[None], *, item: OutboxItem, window: asyncio.Semaphore
     ) -> None:
         window.release()
         if fut.cancelled() or fut.exception() is not None:
@@ -393,8 +395,12 @@ class Agent:
         while True:
             await asyncio.sleep(self.site.agent.metrics_interval_s)
             if backbone.connected.is_set():
-                doc = {"schema": wire.METRICS_SCHEMA, "agent": self.agent_id, "ts": now_ns()}
-                doc["metrics"] = self.metrics()  # type: ignore[assignment]
+                doc = {
+                    "schema": wire.METRICS_SCHEMA,
+                    "agent": self.agent_id,
+                    "ts": now_ns(),
+                    "metrics": self.metrics(),
+                }
                 backbone.publish(topic, wire.encode_json(doc), qos=0)
 
 

@@ -114,7 +114,7 @@ class Backbone:
         where = f"{self.config.host}:{self.config.port}"
         try:
             if self._v5:
-                props = Properties(PacketTypes.CONNECT)
+                props = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
                 props.SessionExpiryInterval = SESSION_EXPIRY_S if self.persistent_session else 0
                 self._client.connect_async(
                     self.config.host,
@@ -213,7 +213,7 @@ class Backbone:
         if self._ever_connected:
             log.info("%s reconnected (session present: %s)", self.client_id, flags.session_present)
         self._ever_connected = True
-        self._loop.call_soon_threadsafe(self._set_connected, True)
+        self._loop.call_soon_threadsafe(self._set_connected, True)  # noqa: FBT003
 
     def _fail_first(self, reason: str) -> None:
         if not self._first_connect.done():
@@ -225,7 +225,7 @@ class Backbone:
         if not self._closing:
             log.warning("%s lost the broker: %s; reconnecting", self.client_id, reason)
             self.reconnects += 1
-        self._loop.call_soon_threadsafe(self._set_connected, False)
+        self._loop.call_soon_threadsafe(self._set_connected, False)  # noqa: FBT003
 
     def _set_connected(self, up: bool) -> None:
         if up:

@@ -8,13 +8,20 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import orjson
 import typer
 from rich.console import Console
 
 from edge.errors import ConfigError, EdgeError
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from edge.agent import Agent
+    from edge.config import SiteConfig
+    from edge.ingest import Ingest
 
 app = typer.Typer(
     help="tpo-edge: 5G campus industrial IoT edge platform (agent, ingest, simulator, KPIs).",
@@ -36,7 +43,7 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING if not verbose else logging.INFO)
 
 
-def _load(path: Path):  # noqa: ANN202 - SiteConfig, imported lazily to keep --help fast
+def _load(path: Path) -> SiteConfig:
     from edge.config import load_site  # noqa: PLC0415
 
     try:
@@ -46,7 +53,7 @@ def _load(path: Path):  # noqa: ANN202 - SiteConfig, imported lazily to keep --h
         raise typer.Exit(2) from exc
 
 
-def _run(coro_factory, *stoppers) -> None:  # noqa: ANN001
+def _run(coro_factory: Callable[[], Awaitable[None]], *stoppers: Callable[[], object]) -> None:
     """Run a coroutine; SIGINT/SIGTERM call the stoppers for an orderly shutdown."""
 
     async def main() -> None:
@@ -58,6 +65,11 @@ def _run(coro_factory, *stoppers) -> None:  # noqa: ANN001
         await task
 
     asyncio.run(main())
+
+
+def _stop_all(stoppable: list[Agent] | list[Ingest]) -> None:
+    for item in stoppable:
+        item.stop()
 
 
 @app.command()
@@ -126,7 +138,7 @@ def agent(
         holder.append(a)
         await a.run()
 
-    _run(go, lambda: holder and holder[0].stop())
+    _run(go, lambda: _stop_all(holder))
 
 
 @app.command()
@@ -152,7 +164,7 @@ def ingest(
         finally:
             await sink.close()
 
-    _run(go, lambda: holder and holder[0].stop())
+    _run(go, lambda: _stop_all(holder))
 
 
 @app.command()
@@ -176,8 +188,14 @@ def demo(
     from edge.demo import Demo  # noqa: PLC0415
 
     try:
-        if broker not in {"auto", "mosquitto", "python"} or database not in {"auto", "influxd", "sqlite"}:
-            console.print("[red]--broker: auto|mosquitto|python, --database: auto|influxd|sqlite[/red]")
+        if broker not in {"auto", "mosquitto", "python"} or database not in {
+            "auto",
+            "influxd",
+            "sqlite",
+        }:
+            console.print(
+                "[red]--broker: auto|mosquitto|python, --database: auto|influxd|sqlite[/red]"
+            )
             raise typer.Exit(2)
         runner = Demo(
             site_file=site_file,
@@ -232,7 +250,7 @@ def analyze(
         arrays,
         deadline_ms=deadline,
         survival_time_ms=survival_time,
-        transfer_interval_ms=transfer_interval,
+        transfer_interval_ms=transfer_interval or 0.0,
         window_s=window,
     )
     if as_json:

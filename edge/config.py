@@ -75,7 +75,7 @@ class AgentConfig(Model):
     outbox_max_bytes: int = Field(default=64 * 2**20, ge=2**16)
     """Bound of the outbox of unacknowledged messages."""
     outbox_full: Literal["drop_oldest", "stop_reading"] = "drop_oldest"
-    """What happens when the outbox is full; either way it is counted and raised as a status alarm."""
+    """What happens when the outbox is full; either way it is counted and raised as an alarm."""
     metrics_interval_s: float = Field(default=5.0, gt=0)
 
 
@@ -131,7 +131,7 @@ class SiteConfig(Model):
     """A whole site file."""
 
     site: str = Field(pattern=NAME)
-    secret_env: str = "TPO_SITE_SECRET"
+    secret_env: str = "TPO_SITE_SECRET"  # noqa: S105 - the variable's name, not a secret
     """Environment variable with the site secret that keys idTag pseudonyms."""
     agent: AgentConfig
     broker: BrokerConfig = BrokerConfig()

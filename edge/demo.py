@@ -219,7 +219,8 @@ class Demo:
             )
         m = agent.metrics()
         table.caption = (
-            f"read {int(m.get('samples_read', 0)):,}  published {int(m.get('samples_published', 0)):,}  "
+            f"read {int(m.get('samples_read', 0)):,}  "
+            f"published {int(m.get('samples_published', 0)):,}  "
             f"stored {ingest.stats.samples:,}  outbox {int(m['outbox_depth'])} msgs"
         )
         return table
@@ -231,8 +232,8 @@ def _influx_count(server: Influxd) -> int:
     series = server.query('SELECT COUNT("quality") FROM "signal"')
     if not series:
         return 0
-    values = series[0]["values"]  # type: ignore[index]
-    return int(values[0][1])  # type: ignore[index]
+    values: list[list[Any]] = series[0]["values"]  # type: ignore[assignment]
+    return int(values[0][1])
 
 
 __all__ = ["Demo", "SiteConfig", "example_scenario_path", "example_site_path"]

@@ -231,8 +231,12 @@ class Ingest:
                 # The database refused some lines for good (a field type conflict, say) and
                 # stored the rest, as InfluxDB's partial write does: retrying cannot help.
                 self.stats.rejected["database_rejected"] += 1
-                log.error("ingest: database rejected part of a %d-point batch: %s", points, exc)
-                await self._write(deadletter_line(self.site.site, "_ingest", str(exc), len(data)).data, 1)
+                log.error(  # noqa: TRY400 - the database's message says it all; no traceback
+                    "ingest: database rejected part of a %d-point batch: %s", points, exc
+                )
+                await self._write(
+                    deadletter_line(self.site.site, "_ingest", str(exc), len(data)).data, 1
+                )
                 return
             except SinkError as exc:
                 # The sink already retried transient errors; keep the messages unacknowledged

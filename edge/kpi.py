@@ -475,6 +475,7 @@ class KpiEngine:
         cfg = site.kpi
         self.devices = table.devices()
         index = {dev: i for i, dev in enumerate(self.devices)}
+        self._device_index = index
         self._device_of_series = np.array(
             [index[(k.area, k.device)] for k in table], dtype=np.int64
         )
@@ -621,7 +622,7 @@ class KpiEngine:
         out = []
         for c in closed:
             device = self.process_devices[c.device]
-            dev = self.devices.index((device.area, device.device))
+            dev = self._device_index[(device.area, device.device)]
             out.append(
                 self._message(
                     dev,

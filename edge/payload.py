@@ -15,14 +15,16 @@ row). ``ts_source`` holds INT64_MIN where the source gives no timestamp.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
 
-from drivers.base import SampleBatch, SeriesTable
 from edge.errors import DecodeError
+
+if TYPE_CHECKING:
+    from drivers.base import SampleBatch, SeriesTable
 
 SAMPLES_SCHEMA = "tpo.samples/1"
 STATUS_SCHEMA = "tpo.status/1"

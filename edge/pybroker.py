@@ -7,14 +7,19 @@ TLS, per-device accounts and ACLs).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING
 
 from edge.services import free_port
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
 
 log = logging.getLogger(__name__)
 
 
-async def start_python_broker(host: str = "127.0.0.1") -> tuple[str, int, Callable[[], Awaitable[None]]]:
+async def start_python_broker(
+    host: str = "127.0.0.1",
+) -> tuple[str, int, Callable[[], Awaitable[None]]]:
     """Start amqtt on a free loopback port; returns (host, port, stop)."""
     from amqtt.broker import Broker  # noqa: PLC0415 - optional, heavy import
 
@@ -24,7 +29,9 @@ async def start_python_broker(host: str = "127.0.0.1") -> tuple[str, int, Callab
     broker = Broker(
         {
             "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-            "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
+            "plugins": {
+                "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}
+            },
         }
     )
     await broker.start()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from typing import TYPE_CHECKING, TextIO
 
 import orjson
@@ -31,14 +32,14 @@ def sample_lines(batch: SampleBatch, table: SeriesTable) -> list[bytes]:
             "area": key.area,
             "device": key.device,
             "channel": key.channel,
-            "value": None if value != value else value,  # NaN (a Bad sample) prints as null
+            "value": None if math.isnan(value) else value,  # a Bad sample prints as null
             "unit": key.unit,
             "quality": QUALITY[min(int(batch.quality[i]), 2)],
             "ts_source": None if ts_source == NO_TIMESTAMP else ts_source,
             "ts_receive": int(batch.ts_receive[i]),
             "seq": int(batch.seq[i]) if batch.seq[i] >= 0 else None,
         }
-        if key.codes and value == value and 0 <= int(value) < len(key.codes):
+        if key.codes and not math.isnan(value) and 0 <= int(value) < len(key.codes):
             doc["code"] = key.codes[int(value)]
         out.append(orjson.dumps(doc))
     return out
@@ -51,7 +52,7 @@ async def _read_one(
         out.writelines(line.decode() + "\n" for line in sample_lines(batch, table))
         out.flush()
 
-    async with driver:  # type: ignore[attr-defined]
+    async with driver:
         if driver.polled:
             while True:
                 emit(await driver.read_batch())

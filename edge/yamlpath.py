@@ -7,13 +7,15 @@ and no line numbers, so they are translated here against the parsed document.
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
 from edge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from pathlib import Path
 
 M = TypeVar("M", bound=BaseModel)
 

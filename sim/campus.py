@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +28,8 @@ from sim.modbus import ModbusDeviceSpec, ModbusServerSim
 from sim.opcua import OpcUaMachineSpec, OpcUaServerSim
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from edge.config import DatabaseConfig, SiteConfig
     from sim.truth import GroundTruth
 
@@ -54,7 +55,7 @@ class Scenario(BaseModel):
 
     name: str = "campus"
     speed: float = Field(default=1.0, gt=0, le=10_000)
-    """Process speed-up: machine cycles, battery charge and charging sessions run this much faster."""
+    """Process speed-up: machine cycles, batteries and charging sessions run this much faster."""
     modbus: tuple[ModbusDeviceSpec, ...] = ()
     opcua: OpcUaScenario = OpcUaScenario()
     field: tuple[FieldDeviceSpec, ...] = ()
@@ -178,7 +179,10 @@ class Campus:
             if source.type == "modbus":
                 sim = self.modbus.get(source.device)
                 if sim is None:
-                    msg = f"site source modbus:{source.device} is not in scenario {self.scenario.name!r}"
+                    msg = (
+                        f"site source modbus:{source.device} is not in "
+                        f"scenario {self.scenario.name!r}"
+                    )
                     raise ValueError(msg)
                 update = {"host": sim.host, "port": sim.port}
             elif source.type == "opcua":
@@ -191,7 +195,7 @@ class Campus:
                     "broker": source.broker.model_copy(
                         update={"host": broker[0], "port": broker[1]}
                     )
-                }  # type: ignore[union-attr]
+                }
             sources.append(source.model_copy(update=update))
         return site.model_copy(
             update={

@@ -8,10 +8,9 @@ from collections import defaultdict
 from collections.abc import AsyncIterator
 from typing import Any
 
-from edge.influx import InfluxV1Writer
-
 from edge.agent import Agent
 from edge.config import SiteConfig
+from edge.influx import InfluxV1Writer
 from edge.ingest import Ingest
 from edge.services import Influxd
 from sim.truth import GroundTruth

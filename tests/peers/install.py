@@ -15,14 +15,17 @@ from tests.peers import libmodbus, nodeopcua
 def main() -> int:
     """Build both peers; report which failed."""
     failed = []
-    for name, step in (("libmodbus server", libmodbus.build), ("node-opcua", nodeopcua.ensure_node_opcua)):
+    for name, step in (
+        ("libmodbus server", libmodbus.build),
+        ("node-opcua", nodeopcua.ensure_node_opcua),
+    ):
         try:
             path = step()
-        except Exception as exc:  # noqa: BLE001 - report every peer, then fail once
-            print(f"peers: {name} failed: {exc}", file=sys.stderr)  # noqa: T201
+        except Exception as exc:
+            print(f"peers: {name} failed: {exc}", file=sys.stderr)
             failed.append(name)
         else:
-            print(f"peers: {name} ready at {path}")  # noqa: T201
+            print(f"peers: {name} ready at {path}")
     return 1 if failed else 0
 
 
