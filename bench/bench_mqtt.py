@@ -20,6 +20,7 @@ import platform
 import tempfile
 import threading
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import orjson
@@ -37,7 +38,10 @@ TOPICS = ("field/bench/+/telemetry", "field/charger/+/#")
 
 def generate(n: int) -> tuple[list[tuple[str, bytes]], list[FieldDeviceSpec]]:
     """n messages from 30 benches and 10 chargers (half 1.6, half 2.0.1), round robin."""
-    specs = [FieldDeviceSpec(kind="bench", id=f"bench-{i:02d}", interval_s=300, seed=i) for i in range(30)]
+    specs = [
+        FieldDeviceSpec(kind="bench", id=f"bench-{i:02d}", interval_s=300, seed=i)
+        for i in range(30)
+    ]
     specs += [
         FieldDeviceSpec(kind="charger", id=f"cp-{i:02d}", interval_s=60, seed=100 + i,
                         ocpp="1.6" if i % 2 else "2.0.1")
@@ -151,7 +155,9 @@ async def run_ours(
                 if rows >= rows_expected:
                     break
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    bad = {k: v for k, v in drv.ctx.counters.items() if k.startswith(("mqtt_invalid", "mqtt_queue"))}
+    bad = {
+        k: v for k, v in drv.ctx.counters.items() if k.startswith(("mqtt_invalid", "mqtt_queue"))
+    }
     if bad:
         raise RuntimeError(f"driver rejected or dropped messages: {bad}")
     return wall, cpu, rows
@@ -165,12 +171,15 @@ def main() -> None:
     n = args.messages
     messages, specs = generate(n)
     # Samples the driver must produce: a dry parse of the same messages.
-    rows_expected = len(driver_for(Mosquitto(Path(), port=1), specs, "dry").parse([(t, p, 0) for t, p in messages]))
+    rows_expected = len(
+        driver_for(Mosquitto(Path(), port=1), specs, "dry").parse([(t, p, 0) for t, p in messages])
+    )
     mean_bytes = sum(len(p) for _, p in messages) / n
-    from importlib.metadata import version
-
     print(f"python {platform.python_version()}, paho-mqtt {version('paho-mqtt')}, mosquitto 2.0")
-    print(f"{n:,} messages ({mean_bytes:.0f} B mean; 30 benches, 10 chargers), {rows_expected:,} samples")
+    print(
+        f"{n:,} messages ({mean_bytes:.0f} B mean; 30 benches, 10 chargers), "
+        f"{rows_expected:,} samples"
+    )
     results: dict[str, list[tuple[float, float, int]]] = {"bare": [], "extract": [], "ours": []}
     with tempfile.TemporaryDirectory() as tmp:
         broker = Mosquitto(Path(tmp) / "mosquitto").start()
@@ -184,12 +193,19 @@ def main() -> None:
                     if name != "ours":
                         results[name].append(run_bare(broker, n, cid, extract=name == "extract"))
                     else:
-                        results[name].append(asyncio.run(run_ours(broker, specs, rows_expected, cid)))
+                        results[name].append(
+                            asyncio.run(run_ours(broker, specs, rows_expected, cid))
+                        )
         finally:
             broker.stop()
     print()
-    print("| subscriber                              |     msgs/s |  samples/s | msgs/CPU-s | vs bare |")
-    print("|-----------------------------------------|------------|------------|------------|---------|")
+    print(
+        "| subscriber                              |     msgs/s |  samples/s "
+        "| msgs/CPU-s | vs bare |"
+    )
+    print(
+        "|-----------------------------------------|------------|------------|------------|---------|"
+    )
     best = {k: min(v, key=lambda x: x[0]) for k, v in results.items()}
     bare_rate = n / best["bare"][0]
     labels = (
@@ -200,10 +216,16 @@ def main() -> None:
     for name, label in labels:
         wall, cpu, values = best[name]
         samples = f"{rows_expected / wall:10,.0f}" if name == "ours" else f"{values / wall:10,.0f}"
-        print(f"| {label:39} | {n / wall:10,.0f} | {samples} | {n / cpu:10,.0f} | {n / wall / bare_rate:6.2f}x |")
+        print(
+            f"| {label:39} | {n / wall:10,.0f} | {samples} | {n / cpu:10,.0f} "
+            f"| {n / wall / bare_rate:6.2f}x |"
+        )
     print()
     ours = n / best["ours"][0]
-    print(f"ratio ours/bare parse (msgs/s, best of {args.rounds}): {ours / bare_rate:.2f} (target >= 0.80)")
+    print(
+        f"ratio ours/bare parse (msgs/s, best of {args.rounds}): {ours / bare_rate:.2f} "
+        "(target >= 0.80)"
+    )
     print(f"ratio ours/bare parse+extract: {ours / (n / best['extract'][0]):.2f}")
 
 

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import logging
 import random
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,7 +33,8 @@ from edge import payload as wire
 from edge.backbone import Backbone
 from edge.errors import SourceError
 from edge.kpi import KpiEngine
-from edge.outbox import MemoryOutbox, OutboxItem
+from edge.outbox import OutboxItem, open_outbox
+from pipelines.histogram import ExpHistogram
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -43,6 +45,9 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
+LATENCY_STAGES = ("batch", "outbox", "ack", "total")
+"""Publish latency per stage, in ms: sample receipt -> outbox (batching), outbox -> handed to
+the client, handed -> PUBACK, and receipt -> PUBACK; percentiles per metrics interval."""
 
 
 def backoff(attempt: int, lo: float = BACKOFF_MIN_S, hi: float = BACKOFF_MAX_S) -> float:
@@ -91,7 +96,9 @@ class Agent:
         self.drivers: list[Driver] = [
             driver_class(source.type)(source, self.table, self.ctx) for source in site.sources
         ]
-        self.outbox = MemoryOutbox(site.agent.outbox_max_bytes, site.agent.outbox_full)
+        self.outbox = open_outbox(site.agent)
+        self.outbox.on_full_change = self._outbox_alarm
+        self.latency = {stage: ExpHistogram() for stage in LATENCY_STAGES}
         self.stats: dict[tuple[str, str], DeviceStats] = {}
         self._on_batch = on_batch
         self.kpi = KpiEngine(site, self.table, self.counters) if site.kpi.enabled else None
@@ -102,11 +109,13 @@ class Agent:
             [dev_index[(k.area, k.device)] for k in self.table], dtype=np.int32
         )
         self._pending: dict[int, DeviceBatch] = {}
-        self._batch_seq = 0
+        # Continues after a restart (the durable outbox remembers it): batch_seq stays increasing.
+        self._batch_seq = self.outbox.last_batch_seq
         self._stopping = asyncio.Event()
         self._sources_done = asyncio.Event()
         self._backbone: Backbone | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._status_topic: str | None = None
         self.started = asyncio.Event()
 
     # -- topics --------------------------------------------------------------------------
@@ -175,8 +184,9 @@ class Agent:
                         backbone.publish(status_topic, self._status_payload("offline"), retain=True)
                     )
         finally:
-            # 4. clients closed.
+            # 4. clients closed; the durable outbox keeps what was not acknowledged for next time.
             await backbone.close()
+            await self.outbox.close()
 
     def stop(self) -> None:
         """Ask for an orderly shutdown (safe from signal handlers)."""
@@ -194,6 +204,7 @@ class Agent:
                 attempt += 1
                 continue
             await backbone.publish(status_topic, self._status_payload("online"), retain=True)
+            self._status_topic = status_topic
             log.info(
                 "agent %s online at %s:%s",
                 self.agent_id,
@@ -326,11 +337,21 @@ class Agent:
         for start in range(0, len(batch), limit):
             part = batch.take(slice(start, start + limit))
             self._batch_seq += 1
+            # Payload (batch_seq, timestamps) fixed here and stored: a replay is identical.
             data = wire.encode_samples(
                 part, self.table, agent_id=self.agent_id, batch_seq=self._batch_seq
             )
             topic = wire.device_topic(self.site.site, area, device, "data")
-            await self.outbox.put(OutboxItem(topic, data, len(part)))
+            item = OutboxItem(
+                topic,
+                data,
+                len(part),
+                received_ns=int(part.ts_receive.min()),
+                batch_seq=self._batch_seq,
+            )
+            await self.outbox.put(item)
+            if item.received_ns and item.queued_ns:
+                self.latency["batch"].record([(item.queued_ns - item.received_ns) / 1e6])
 
     async def _publisher(self, backbone: Backbone) -> None:
         window = asyncio.Semaphore(100)
@@ -338,13 +359,21 @@ class Agent:
             item = await self.outbox.take()
             await backbone.connected.wait()
             await window.acquire()
+            sent_ns = time.time_ns()
             fut = backbone.publish(
                 item.topic, item.payload, qos=self.site.broker.qos, retain=item.retain
             )
-            fut.add_done_callback(functools.partial(self._acked, item=item, window=window))
+            fut.add_done_callback(
+                functools.partial(self._acked, item=item, window=window, sent_ns=sent_ns)
+            )
 
     def _acked(
-        self, fut: asyncio.Future[None], *, item: OutboxItem, window: asyncio.Semaphore
+        self,
+        fut: asyncio.Future[None],
+        *,
+        item: OutboxItem,
+        window: asyncio.Semaphore,
+        sent_ns: int,
     ) -> None:
         window.release()
         if fut.cancelled() or fut.exception() is not None:
@@ -353,6 +382,12 @@ class Agent:
             return
         self.counters["messages_published"] += 1
         self.counters["samples_published"] += item.samples
+        acked_ns = time.time_ns()
+        if item.queued_ns:
+            self.latency["outbox"].record([(sent_ns - item.queued_ns) / 1e6])
+        self.latency["ack"].record([(acked_ns - sent_ns) / 1e6])
+        if item.received_ns:
+            self.latency["total"].record([(acked_ns - item.received_ns) / 1e6])
         asyncio.ensure_future(self.outbox.done(item))  # noqa: RUF006 - awaited via drained()
 
     # -- dead letters and self-metrics -------------------------------------------------------
@@ -378,17 +413,46 @@ class Agent:
         task.add_done_callback(self._tasks.remove)
 
     def metrics(self) -> dict[str, float]:
-        """Self-metrics: counters, outbox depth and bytes, drops by reason, reconnects."""
+        """Self-metrics: counters, outbox depth and bytes, drops by reason, reconnects, latency.
+
+        Latency: ``latency_ms.<stage>.{n,p50,p99,max}`` over the current metrics interval,
+        stages as in :data:`LATENCY_STAGES` (absent while a stage saw nothing).
+        """
         out: dict[str, float] = {k: float(v) for k, v in self.counters.items()}
         out["outbox_depth"] = self.outbox.depth
         out["outbox_bytes"] = self.outbox.nbytes
+        out["outbox_max_bytes"] = self.outbox.max_bytes
         out["outbox_full"] = float(self.outbox.full)
+        out["outbox_durable"] = float(self.site.agent.outbox_dir is not None)
+        out["outbox_replayed"] = getattr(self.outbox, "replayed", 0)
         out["outbox_dropped_samples"] = self.outbox.dropped_samples
         for reason, n in self.outbox.drops.items():
             out[f"drops.{reason}"] = n
         if self._backbone is not None:
             out["backbone_reconnects"] = self._backbone.reconnects
+        for stage, hist in self.latency.items():
+            if hist.n:
+                p50, p99 = hist.quantiles([0.5, 0.99])
+                out[f"latency_ms.{stage}.n"] = hist.n
+                out[f"latency_ms.{stage}.p50"] = float(p50)
+                out[f"latency_ms.{stage}.p99"] = float(p99)
+                out[f"latency_ms.{stage}.max"] = hist.max
         return out
+
+    def _outbox_alarm(self, full: bool) -> None:
+        """The outbox's full flag flipped: count it and republish the retained status at once."""
+        (log.warning if full else log.info)(
+            "agent %s: outbox %s (%d bytes of %d)",
+            self.agent_id,
+            "full" if full else "below half again",
+            self.outbox.nbytes,
+            self.outbox.max_bytes,
+        )
+        if full:
+            self.counters["outbox_full_alarms"] += 1
+        backbone = self._backbone
+        if backbone is not None and self._status_topic and backbone.connected.is_set():
+            backbone.publish(self._status_topic, self._status_payload("online"), retain=True)
 
     async def _metrics(self, backbone: Backbone) -> None:
         topic = wire.agent_topic(self.site.site, self.agent_id, "metrics")
@@ -402,6 +466,8 @@ class Agent:
                     "metrics": self.metrics(),
                 }
                 backbone.publish(topic, wire.encode_json(doc), qos=0)
+                # Percentiles per interval: start the next one empty.
+                self.latency = {stage: ExpHistogram() for stage in LATENCY_STAGES}
 
 
 def _name(driver: Driver) -> str:

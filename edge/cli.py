@@ -182,6 +182,9 @@ def demo(
         str, typer.Option(help="auto (influxd if installed), influxd or sqlite.")
     ] = "auto",
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    report: Annotated[
+        Path, typer.Option(help="HTML report of the run (see `tpo-edge report`).")
+    ] = Path("tpo-demo-report.html"),
 ) -> None:
     """Run a simulated campus through the whole platform and count every sample per stage."""
     _setup_logging(verbose)
@@ -204,6 +207,7 @@ def demo(
             duration_s=duration,
             broker=broker,  # type: ignore[arg-type]
             database=database,  # type: ignore[arg-type]
+            report=report,
         )
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]", highlight=False)
@@ -264,6 +268,64 @@ def analyze(
     for name, value in render_table(result):
         table.add_row(name, value)
     Console().print(table)
+
+
+def _wire_secrets_and_sim() -> None:
+    """``secrets`` (edge/secrets.py) and ``sim`` (sim/cli.py) live in their own modules."""
+    from edge.secrets import cli as secrets_cli  # noqa: PLC0415
+    from sim.cli import sim_command  # noqa: PLC0415
+
+    app.add_typer(secrets_cli, name="secrets")
+    app.command("sim")(sim_command)
+
+
+_wire_secrets_and_sim()
+
+
+def _wire_dashboards() -> None:
+    """``dashboards build`` lives in dashboards/cli.py (grafanalib is imported only to build)."""
+    from dashboards.cli import app as dashboards_cli  # noqa: PLC0415
+
+    app.add_typer(dashboards_cli, name="dashboards")
+
+
+_wire_dashboards()
+
+
+@app.command()
+def report(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="Site file: read its database.")
+    ] = None,
+    sqlite: Annotated[Path | None, typer.Option(help="Read this SQLite store.")] = None,
+    influx_url: Annotated[str | None, typer.Option(help="Read this InfluxDB (v1 API).")] = None,
+    database: Annotated[str, typer.Option(help="InfluxDB database (with --influx-url).")] = "tpo",
+    since: Annotated[str, typer.Option(help="Look back: 90s, 30m, 1h, 7d or all.")] = "1h",
+    out: Annotated[Path, typer.Option("--out", "-o", help="HTML file to write.")] = Path(
+        "report.html"
+    ),
+    summary: Annotated[
+        Path | None, typer.Option(help="Demo summary JSON: adds the stage counts.")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+) -> None:
+    """Write one self-contained HTML report: latency CDF, link KPIs, OEE, chargers, benches."""
+    _setup_logging(verbose)
+    from edge.report import report_command  # noqa: PLC0415
+
+    site = _load(config) if config is not None else None
+    path = asyncio.run(
+        report_command(
+            site=site,
+            sqlite=sqlite,
+            influx_url=influx_url,
+            database=database,
+            since=since,
+            out=out,
+            summary_file=summary,
+        )
+    )
+    print(path)
 
 
 def main() -> None:

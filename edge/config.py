@@ -76,6 +76,12 @@ class AgentConfig(Model):
     """Bound of the outbox of unacknowledged messages."""
     outbox_full: Literal["drop_oldest", "stop_reading"] = "drop_oldest"
     """What happens when the outbox is full; either way it is counted and raised as an alarm."""
+    outbox_dir: Path | None = None
+    """Directory of the durable outbox (SQLite, WAL; ``outbox-<id>.sqlite``); None keeps the
+    outbox in memory (tests, the demo): then a crash loses what was not acknowledged."""
+    outbox_sync: Literal["full", "normal"] = "full"
+    """``full``: every put is fsynced, surviving power loss; ``normal``: fsync at checkpoints
+    only, surviving SIGKILL but maybe not power loss (see edge/durable.py)."""
     metrics_interval_s: float = Field(default=5.0, gt=0)
 
 
@@ -111,6 +117,30 @@ class IngestConfig(Model):
     client_id: str = Field(default="tpo-ingest", pattern=NAME)
     share_group: str | None = Field(default=None, pattern=NAME)
     """MQTT 5 shared-subscription group for several workers (``$share/<group>/...``)."""
+    username: str | None = None
+    """Broker account of the ingest workers (default: the agent's ``broker.username``)."""
+    password_env: str | None = None
+    """Environment variable with that account's password (default: ``broker.password_env``)."""
+    spool_dir: Path | None = None
+    """Directory of ingest's own disk queue (SQLite, WAL; ``<client_id>.spool`` per worker)
+    for database outages; None leaves the broker holding unacknowledged messages instead."""
+    spool_max_bytes: int = Field(default=1024 * 2**20, ge=2**16)
+    """Bound of the spool (compressed line protocol)."""
+    spool_full: Literal["backpressure", "drop_oldest"] = "backpressure"
+    """When the spool is full: stop acknowledging (the broker holds the messages), or drop
+    the oldest spooled batches (counted as ``spool_dropped_points``)."""
+    spool_after_s: float = Field(default=5.0, gt=0, le=300)
+    """How long a batch may wait for the database before it goes to the spool."""
+    drain_batch_points: int = Field(default=50_000, ge=1, le=1_000_000)
+    """Points per database write while draining the spool."""
+
+    def broker(self, base: BrokerConfig) -> BrokerConfig:
+        """The backbone broker config with the ingest account swapped in, when one is set."""
+        if self.username is None:
+            return base
+        return base.model_copy(
+            update={"username": self.username, "password_env": self.password_env}
+        )
 
 
 class KpiConfig(Model):

@@ -55,8 +55,9 @@ class Demo:
         duration_s: float = 30.0,
         broker: Literal["auto", "mosquitto", "python"] = "auto",
         database: Literal["auto", "influxd", "sqlite"] = "auto",
+        report: Path | None = Path("tpo-demo-report.html"),
     ) -> None:
-        """Load the site and scenario (ConfigError on a bad file)."""
+        """Load the site and scenario (ConfigError on a bad file); ``report``: None skips it."""
         self.site_file = site_file or example_site_path()
         self.site = load_site(self.site_file)
         self.scenario = load_scenario(scenario or example_scenario_path())
@@ -70,6 +71,10 @@ class Demo:
         self.workdir = workdir
         self._stop = asyncio.Event()
         self.summary: dict[str, Any] = {}
+        # -- report (edge/report.py) --
+        self.report_path = report
+        self._report_source: Any = None  # () -> edge.report.ReportSource, set with the database
+        # -- end report --
 
     def stop(self) -> None:
         """Ctrl-C: end the run early, cleanly."""
@@ -129,6 +134,9 @@ class Demo:
                     f"{a}/{d}": n for (a, d), n in sorted(ingest.stats.per_device.items())
                 },
             }
+            # -- report (edge/report.py): written while the database still runs --
+            self.summary["report"] = await self._write_report()
+            # -- end report --
         del broker, database
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -159,6 +167,11 @@ class Demo:
 
             writer = InfluxV1Writer(url=server.url, database=server.database)
             await writer.ensure_database()
+            # -- report (edge/report.py) --
+            from edge.report import influx_source  # noqa: PLC0415
+
+            self._report_source = lambda: influx_source(server.url, server.database)
+            # -- end report --
 
             async def count_influx() -> int:
                 return await asyncio.to_thread(_influx_count, server)
@@ -167,6 +180,11 @@ class Demo:
         from edge.store import SqliteStore  # noqa: PLC0415
 
         store = SqliteStore(self.workdir / "demo.sqlite")
+        # -- report (edge/report.py) --
+        from edge.report import sqlite_source  # noqa: PLC0415
+
+        self._report_source = lambda: sqlite_source(self.workdir / "demo.sqlite")
+        # -- end report --
 
         async def count_sqlite() -> int:
             reader = SqliteStore(self.workdir / "demo.sqlite")
@@ -176,6 +194,35 @@ class Demo:
                 await reader.close()
 
         return store, count_sqlite, "sqlite"
+
+    # -- report (edge/report.py) --
+    async def _write_report(self) -> str | None:
+        """Write the HTML report of this run; its path, or None when skipped or failed."""
+        if self.report_path is None or self._report_source is None:
+            return None
+        from edge.errors import EdgeError  # noqa: PLC0415
+        from edge.report import write_report  # noqa: PLC0415
+
+        source = self._report_source()
+        try:
+            path = await write_report(
+                source,
+                self.report_path,
+                since_s=None,  # the run's own database: everything in it
+                deadlines_ms=self.site.kpi.deadlines_ms,
+                summary=self.summary,
+                site=self.site.site,
+                title=f"tpo-edge demo: site {self.site.site}",
+            )
+        except (EdgeError, OSError) as exc:
+            log.warning("demo report not written: %s", exc)  # the run itself succeeded
+            return None
+        finally:
+            await source.close()
+        log.info("demo report: %s", path.resolve())
+        return str(path.resolve())
+
+    # -- end report --
 
     async def _wait_stored(self, ingest: Ingest, published: int, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -218,10 +265,14 @@ class Demo:
                 "-" if lag is None else f"{lag:.0f}",
             )
         m = agent.metrics()
+        drops = sum(v for k, v in m.items() if k.startswith("drops."))
+        lags = ingest.stats.last_lag_ms.values()
         table.caption = (
             f"read {int(m.get('samples_read', 0)):,}  "
             f"published {int(m.get('samples_published', 0)):,}  "
-            f"stored {ingest.stats.samples:,}  outbox {int(m['outbox_depth'])} msgs"
+            f"stored {ingest.stats.samples:,}  outbox {int(m.get('outbox_depth', 0))} msgs"
+            f" {m.get('outbox_bytes', 0) / 1024:,.0f} KiB  drops {int(drops)}  "
+            f"ingest lag max {max(lags, default=0.0):,.0f} ms"
         )
         return table
 

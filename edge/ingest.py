@@ -8,8 +8,22 @@ batch is written to the sink (which retries with capped backoff), and only
 then are its messages acknowledged. Replays are harmless: a point is
 identified by measurement, tags and timestamp, so a replay overwrites itself.
 
+With ``ingest.spool_dir`` set, a batch the database does not take within
+``spool_after_s`` is committed to ingest's own disk queue (:mod:`edge.spool`)
+instead, and acknowledged; a drainer writes the queue back in large writes
+once the database answers again, while live batches go straight to it.
+
+Subscriptions: data topics and agents' self-metrics are shared between workers
+(``$share/<group>/``) when a share group is set. KPI topics are NOT shared: every
+worker merges every window, so a merge never sees only the half of the devices
+that one worker happened to get. A link KPI message is acknowledged only after
+the merged window it contributes to is written, so a worker that crashes gets
+every contribution of its unfinished windows back and never writes a partial
+merge over a complete one.
+
 Unusable messages are acknowledged (redelivering them would never help),
 counted by reason and stored as a record in the ``deadletter`` measurement.
+Ingest's own metrics go to the ``agent`` measurement as ``agent=_ingest-<client_id>``.
 """
 
 from __future__ import annotations
@@ -17,25 +31,36 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import random
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
+import orjson
 
 from edge import lineprotocol as lp
 from edge import payload as wire
 from edge.backbone import Backbone, Message
 from edge.errors import DecodeError, SinkError, SinkRejectedError
-from edge.kpi import KpiIngest
+from edge.kpi import KpiIngest, decode_kpi, kpi_lines
+from edge.spool import Spool
+from pipelines.histogram import ExpHistogram
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
     from edge.config import SiteConfig
 
 log = logging.getLogger(__name__)
 
 INT_ABSENT = np.iinfo(np.int64).min
+NS_PER_S = 1_000_000_000
+KPI_HOLD_SLACK_S = 30.0
+"""A held link KPI message is acknowledged anyway this long after its merge was due
+(its window was refused as too late, say): holding it longer would only block the session."""
 
 
 class Sink(Protocol):
@@ -56,9 +81,26 @@ class IngestStats:
     samples: int = 0
     points: int = 0
     writes: int = 0
+    write_failures: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     per_device: Counter[tuple[str, str]] = field(default_factory=Counter)
     last_lag_ms: dict[tuple[str, str], float] = field(default_factory=dict)
+    """Per device: now - ts_receive of its newest sample when ingest decoded it."""
+    agent_metrics: int = 0
+    """Agent self-metrics messages stored."""
+    write_ms_last: float = 0.0
+    write_ms_max: float = 0.0
+    """Slowest database write since the last self-metrics point."""
+    lag_ms_max: float = 0.0
+    """Largest ingest lag (decode time - ts_receive) since the last self-metrics point."""
+    stored_latency_ms: ExpHistogram = field(default_factory=ExpHistogram)
+    """ts_receive at the agent -> written to the database, per sample (platform latency)."""
+    spooled_points: int = 0
+    drained_points: int = 0
+    drain_s: float = 0.0
+    """Time spent in successful drain writes (drain rate = drained_points / drain_s)."""
+    kpi_held: int = 0
+    """Link KPI messages waiting for their window's merge before they are acknowledged."""
 
 
 def samples_to_lines(msg: wire.DecodedSamples) -> lp.Encoded:
@@ -97,6 +139,66 @@ def deadletter_line(site: str, topic: str, reason: str, size: int) -> lp.Encoded
     return lp.Encoded(line.encode(), 1, 0)
 
 
+def metrics_line(site: str, agent: str, metrics: dict[str, float], ts_ns: int) -> lp.Encoded:
+    """One ``agent`` point: every finite metric a float field (ValueError on bad names)."""
+    fields = ",".join(
+        f"{lp.escape_tag(name)}={float(v)!r}"
+        for name, v in sorted(metrics.items())
+        if name and math.isfinite(v)
+    )
+    if not fields:
+        return lp.Encoded(b"", 0, 1)
+    tags = lp.tag_set({"site": site, "agent": agent})
+    return lp.Encoded(f"agent,{tags} {fields} {ts_ns}\n".encode(), 1, 0)
+
+
+def decode_metrics(payload: bytes) -> tuple[str, int, dict[str, float]]:
+    """(agent, ts, metrics) of a ``tpo.metrics/1`` message; raises DecodeError."""
+    try:
+        doc = orjson.loads(payload)
+    except orjson.JSONDecodeError as exc:
+        raise DecodeError(f"not JSON: {exc}") from exc
+    if not isinstance(doc, dict) or doc.get("schema") != wire.METRICS_SCHEMA:
+        got = doc.get("schema") if isinstance(doc, dict) else type(doc).__name__
+        raise DecodeError(f"schema is {got!r}, want {wire.METRICS_SCHEMA!r}")
+    agent, ts, metrics = doc.get("agent"), doc.get("ts"), doc.get("metrics")
+    if not isinstance(agent, str) or not agent:
+        raise DecodeError("header field 'agent' missing or not a string")
+    if not isinstance(ts, int) or isinstance(ts, bool) or ts <= 0:
+        raise DecodeError("header field 'ts' missing or not a positive integer")
+    if not isinstance(metrics, dict):
+        raise DecodeError("field 'metrics' must be an object")
+    out: dict[str, float] = {}
+    for name, value in metrics.items():
+        if value is None:  # NaN travels as null: a metric without a value now
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise DecodeError(f"metric {name!r} is not a number")
+        out[str(name)] = float(value)
+    return agent, ts, out
+
+
+@dataclass
+class _Batch:
+    """What the consume loop collected since the last flush."""
+
+    chunks: list[bytes] = field(default_factory=list)
+    points: int = 0
+    ack: list[Message] = field(default_factory=list)
+    """Acknowledged once the batch is stored."""
+    hold: list[tuple[tuple[int, float], Message]] = field(default_factory=list)
+    """Link KPI messages: acknowledged once their window's merge is stored."""
+    ts_receive: list[npt.NDArray[np.int64]] = field(default_factory=list)
+
+    def add(self, encoded: lp.Encoded) -> None:
+        if encoded.lines:
+            self.chunks.append(encoded.data)
+            self.points += encoded.lines
+
+    def empty(self) -> bool:
+        return not (self.ack or self.hold or self.points)
+
+
 class Ingest:
     """One ingest worker."""
 
@@ -110,10 +212,30 @@ class Ingest:
         self._stopping = asyncio.Event()
         self._backbone: Backbone | None = None
         self.kpi = KpiIngest(site)  # KPI messages: stored, link histograms merged
+        cfg = site.ingest
+        self.spool: Spool | None = None
+        if cfg.spool_dir is not None:
+            self.spool = Spool(
+                cfg.spool_dir / f"{self.client_id}.spool", cfg.spool_max_bytes, cfg.spool_full
+            )
+        self._db_up = asyncio.Event()
+        self._db_up.set()
+        self._spool_filled = asyncio.Event()
+        self._held: dict[tuple[int, float], list[Message]] = {}
+        self._hold_due_ns = round((site.kpi.allowed_lateness_s + 5.0 + KPI_HOLD_SLACK_S) * NS_PER_S)
+        self._next_metrics = 0.0
+
+    @property
+    def agent_name(self) -> str:
+        """The ``agent`` tag of ingest's own self-metrics."""
+        return f"_ingest-{self.client_id}"
 
     def topics(self) -> list[str]:
         """Subscriptions, shared when a share group is configured."""
-        base = [f"{wire.PREFIX}/{self.site.site}/+/+/data"]
+        base = [
+            f"{wire.PREFIX}/{self.site.site}/+/+/data",
+            f"{wire.PREFIX}/{self.site.site}/_agent/+/metrics",
+        ]
         group = self.site.ingest.share_group
         shared = [f"$share/{group}/{t}" for t in base] if group else base
         return [*shared, self.kpi.topic()]  # not shared: every worker merges every window
@@ -122,32 +244,75 @@ class Ingest:
         """Ask for an orderly shutdown: the current batch is written and acknowledged."""
         self._stopping.set()
 
+    def metrics(self) -> dict[str, float]:
+        """Ingest's self-metrics (also written to the ``agent`` measurement)."""
+        s = self.stats
+        out: dict[str, float] = {
+            "messages": s.messages,
+            "samples": s.samples,
+            "points": s.points,
+            "writes": s.writes,
+            "write_failures": s.write_failures,
+            "write_ms_last": s.write_ms_last,
+            "write_ms_max": s.write_ms_max,
+            "ingest_lag_ms_max": s.lag_ms_max,
+            "agent_metrics": s.agent_metrics,
+            "kpi_held": s.kpi_held,
+        }
+        if s.stored_latency_ms.n:
+            for label, q in (("p50", 0.5), ("p99", 0.99)):
+                out[f"stored_latency_{label}_ms"] = s.stored_latency_ms.quantile(q)
+        for reason, n in s.rejected.items():
+            out[f"rejected.{_metric_name(reason)}"] = n
+        if self.spool is not None:
+            out["spool_points"] = self.spool.points
+            out["spool_bytes"] = self.spool.nbytes
+            out["spool_dropped_points"] = self.spool.dropped_points
+            out["spool_refused"] = self.spool.refused
+            out["spooled_points"] = s.spooled_points
+            out["drained_points"] = s.drained_points
+        if self._backbone is not None:
+            out["backbone_reconnects"] = self._backbone.reconnects
+        return out
+
     async def run(self) -> None:
         """Consume until stopped."""
+        broker = self.site.ingest.broker(self.site.broker)
         backbone = Backbone(
-            self.site.broker,
+            broker,
             client_id=self.client_id,
             persistent_session=True,
             manual_ack=True,
-            password=self.site.broker.password(),
+            password=broker.password(),
         )
         self._backbone = backbone
         for topic in self.topics():
             backbone.subscribe(topic, qos=1)
-        await backbone.connect()
-        self.ready.set()
+        drainer: asyncio.Task[None] | None = None
         try:
+            await backbone.connect()
+            if self.spool is not None:
+                drainer = asyncio.create_task(self._drain(self.spool), name="ingest.drain")
+            self.ready.set()
+            log.info("ingest %s ready: %s", self.client_id, " ".join(self.topics()))
             await self._consume(backbone)
         finally:
+            if drainer is not None:
+                drainer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await drainer
             await backbone.close()
+            if self.spool is not None:
+                await self.spool.close()
+
+    # -- the consume loop ------------------------------------------------------------------
 
     async def _consume(self, backbone: Backbone) -> None:
         cfg = self.site.database
         loop = asyncio.get_running_loop()
-        chunks: list[bytes] = []
-        held: list[Message] = []
-        points = 0
+        batch = _Batch()
         deadline = loop.time() + cfg.flush_interval_s
+        self._next_metrics = loop.time() + self.site.agent.metrics_interval_s
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
@@ -157,60 +322,78 @@ class Ingest:
                     {getter, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
                 if getter in done:
-                    message = getter.result()
-                    encoded = self._encode(message)
-                    if encoded is not None and encoded.lines:
-                        chunks.append(encoded.data)
-                        points += encoded.lines
-                    held.append(message)
+                    self._take(getter.result(), batch)
                 else:
                     getter.cancel()
                     with contextlib.suppress(asyncio.CancelledError):
                         await getter
                     if getter.done() and not getter.cancelled():
                         backbone.messages.put_nowait(getter.result())
-                if points >= cfg.batch_points or loop.time() >= deadline or stopping in done:
+                if batch.points >= cfg.batch_points or loop.time() >= deadline or stopping in done:
                     final = stopping in done and backbone.messages.empty()
-                    merged = self.kpi.due(time.time_ns(), final=final)  # merged link KPIs
-                    chunks.append(merged.data)
-                    points += merged.lines
-                    if held or merged.lines:
-                        await self._write(b"".join(chunks), points)
-                        for m in held:
-                            backbone.ack(m)
-                        chunks, held, points = [], [], 0
+                    await self._flush(backbone, batch, final=final)
+                    batch = _Batch()
                     deadline = loop.time() + cfg.flush_interval_s
                 if stopping in done and backbone.messages.empty():
                     return
         finally:
             stopping.cancel()
 
-    def _encode(self, message: Message) -> lp.Encoded | None:
+    def _take(self, message: Message, batch: _Batch) -> None:
         self.stats.messages += 1
-        if message.topic.endswith("/kpi"):
+        topic = message.topic
+        if topic.endswith("/kpi"):
             try:
-                return self.kpi.encode(message.topic, message.payload)
+                encoded = self.kpi.encode(topic, message.payload)
+                msg = decode_kpi(message.payload)  # decoded once more: the merge window key
             except DecodeError as exc:
-                return self._reject(message, f"{exc}")
+                batch.add(self._reject(message, f"{exc}"))
+                batch.ack.append(message)
+                return
+            batch.add(encoded)
+            if msg.kind == "link" and msg.histogram is not None:
+                batch.hold.append(((msg.window_start_ns, msg.window_s), message))
+            else:
+                batch.ack.append(message)
+            return
+        batch.ack.append(message)
+        if topic.endswith("/metrics"):
+            batch.add(self._agent_metrics(message))
+            return
         try:
             decoded = wire.decode_samples(message.payload)
         except DecodeError as exc:
-            return self._reject(message, f"{exc}")
-        parts = message.topic.split("/")
+            batch.add(self._reject(message, f"{exc}"))
+            return
+        parts = topic.split("/")
         if len(parts) != 6 or (parts[2], parts[3], parts[4]) != (
             decoded.site,
             decoded.area,
             decoded.device,
         ):
             names = f"{decoded.site}/{decoded.area}/{decoded.device}"
-            return self._reject(message, f"topic does not match the payload's {names}")
-        encoded = samples_to_lines(decoded)
+            batch.add(self._reject(message, f"topic does not match the payload's {names}"))
+            return
+        batch.add(samples_to_lines(decoded))
         self.stats.samples += len(decoded)
         dev = (decoded.area, decoded.device)
         self.stats.per_device[dev] += len(decoded)
         if len(decoded):
-            lag_ns = time.time_ns() - int(decoded.ts_receive[-1])
-            self.stats.last_lag_ms[dev] = lag_ns / 1e6
+            batch.ts_receive.append(decoded.ts_receive)
+            lag_ms = (time.time_ns() - int(decoded.ts_receive.max())) / 1e6
+            self.stats.last_lag_ms[dev] = lag_ms
+            self.stats.lag_ms_max = max(self.stats.lag_ms_max, lag_ms)
+
+    def _agent_metrics(self, message: Message) -> lp.Encoded:
+        try:
+            agent, ts, metrics = decode_metrics(message.payload)
+            encoded = metrics_line(self.site.site, agent, metrics, ts)
+        except (DecodeError, ValueError) as exc:
+            return self._reject(message, f"{exc}")
+        parts = message.topic.split("/")
+        if len(parts) != 6 or parts[4] != agent or parts[2] != self.site.site:
+            return self._reject(message, f"topic does not match the payload's agent {agent!r}")
+        self.stats.agent_metrics += 1
         return encoded
 
     def _reject(self, message: Message, reason: str) -> lp.Encoded:
@@ -221,32 +404,141 @@ class Ingest:
         )
         return deadletter_line(self.site.site, message.topic, reason, len(message.payload))
 
-    async def _write(self, data: bytes, points: int) -> None:
+    async def _flush(self, backbone: Backbone, batch: _Batch, *, final: bool) -> None:
+        """Merge due KPI windows, store the batch, then acknowledge what it made durable."""
+        now = time.time_ns()
+        merger = self.kpi.merger
+        merged_points = merger.flush() if final else merger.due(now)
+        batch.add(kpi_lines(self.site.site, merged_points))
+        merged = {(p.window_start_ns, p.window_s) for p in merged_points}
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_metrics or final:
+            self._next_metrics = loop.time() + self.site.agent.metrics_interval_s
+            batch.add(metrics_line(self.site.site, self.agent_name, self.metrics(), now))
+            self.stats.write_ms_max = self.stats.lag_ms_max = 0.0
+        for key, message in batch.hold:
+            self._held.setdefault(key, []).append(message)
+        if batch.points:
+            direct = await self._commit(b"".join(batch.chunks), batch.points)
+            if direct and batch.ts_receive:
+                stored_ns = time.time_ns()
+                ts = np.concatenate(batch.ts_receive)
+                self.stats.stored_latency_ms.record((stored_ns - ts) / 1e6)
+        for message in batch.ack:
+            backbone.ack(message)
+        for key in list(self._held):
+            end = key[0] + round(key[1] * NS_PER_S)
+            if final or key in merged or now >= end + self._hold_due_ns:
+                for message in self._held.pop(key):
+                    backbone.ack(message)
+        self.stats.kpi_held = sum(len(v) for v in self._held.values())
+
+    # -- storing ---------------------------------------------------------------------------
+
+    async def _commit(self, data: bytes, points: int) -> bool:
+        """Make a batch durable in the database or the spool; True if in the database."""
+        spool = self.spool
+        if spool is None:
+            await self._write_until_stored(data, points)
+            return True
+        if self._db_up.is_set():
+            try:
+                async with asyncio.timeout(self.site.ingest.spool_after_s):
+                    await self._write_once(data, points)
+            except (SinkError, TimeoutError) as exc:
+                self.stats.write_failures += 1
+                log.warning("ingest: database unavailable (%s); spooling to %s", exc, spool.path)
+                self._db_up.clear()
+            else:
+                return True
+        if await spool.put(data, points):
+            self.stats.spooled_points += points
+            self._spool_filled.set()
+            return False
+        # Full under backpressure: hold these messages unacknowledged until the database
+        # takes them; the broker queues the rest.
+        log.warning("ingest: spool %s full (%d bytes); holding messages", spool.path, spool.nbytes)
+        await self._write_until_stored(data, points)
+        return True
+
+    async def _write_once(self, data: bytes, points: int) -> None:
+        """One write through the sink (which retries transient errors itself)."""
+        started = time.monotonic()
+        try:
+            await self.sink.write(data)
+        except SinkRejectedError as exc:
+            # The database refused some lines for good (a field type conflict, say) and
+            # stored the rest, as InfluxDB's partial write does: retrying cannot help.
+            self.stats.rejected["database_rejected"] += 1
+            log.error(  # noqa: TRY400 - the database's message says it all; no traceback
+                "ingest: database rejected part of a %d-point batch: %s", points, exc
+            )
+            note = deadletter_line(self.site.site, "_ingest", str(exc), len(data))
+            await self.sink.write(note.data)
+        took_ms = (time.monotonic() - started) * 1e3
+        self.stats.write_ms_last = took_ms
+        self.stats.write_ms_max = max(self.stats.write_ms_max, took_ms)
+        self.stats.points += points
+        self.stats.writes += 1
+
+    async def _write_until_stored(self, data: bytes, points: int) -> None:
         attempt = 0
         while True:
             try:
-                if data:
-                    await self.sink.write(data)
-            except SinkRejectedError as exc:
-                # The database refused some lines for good (a field type conflict, say) and
-                # stored the rest, as InfluxDB's partial write does: retrying cannot help.
-                self.stats.rejected["database_rejected"] += 1
-                log.error(  # noqa: TRY400 - the database's message says it all; no traceback
-                    "ingest: database rejected part of a %d-point batch: %s", points, exc
-                )
-                await self._write(
-                    deadletter_line(self.site.site, "_ingest", str(exc), len(data)).data, 1
-                )
-                return
+                await self._write_once(data, points)
             except SinkError as exc:
                 # The sink already retried transient errors; keep the messages unacknowledged
                 # and try again, so the broker holds them meanwhile.
                 attempt += 1
+                self.stats.write_failures += 1
                 log.warning(
                     "ingest: write of %d points failed (attempt %d): %s", points, attempt, exc
                 )
-                await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
+                await asyncio.sleep(_backoff_s(attempt))
                 continue
-            self.stats.points += points
-            self.stats.writes += 1
             return
+
+    async def _drain(self, spool: Spool) -> None:
+        """Write spooled batches back, oldest first, in large writes; live data goes direct."""
+        cfg = self.site.ingest
+        attempt = 0
+        while True:
+            if not spool.batches:
+                self._db_up.set()
+                self._spool_filled.clear()
+                await self._spool_filled.wait()
+                continue
+            if attempt:
+                await asyncio.sleep(_backoff_s(attempt, cap_s=10.0))
+            batches = await spool.peek(cfg.drain_batch_points)
+            points = sum(b.points for b in batches)
+            started = time.monotonic()
+            try:
+                # While the database is down this is a probe: give up early and retry.
+                limit = 60.0 if self._db_up.is_set() else cfg.spool_after_s
+                async with asyncio.timeout(limit):
+                    await self._write_once(b"".join(b.data for b in batches), points)
+            except (SinkError, TimeoutError) as exc:
+                attempt += 1
+                self.stats.write_failures += 1
+                self._db_up.clear()
+                (log.info if attempt == 1 else log.debug)("ingest: drain waits: %s", exc)
+                continue
+            if attempt:
+                log.info("ingest: database back; draining %d spooled points", spool.points)
+            attempt = 0
+            self._db_up.set()
+            await spool.remove(batches)
+            self.stats.drained_points += points
+            self.stats.drain_s += time.monotonic() - started
+
+
+def _backoff_s(attempt: int, cap_s: float = 30.0) -> float:
+    """Capped exponential backoff with jitter and a non-zero minimum."""
+    base = min(cap_s, 0.5 * 2**attempt)
+    return float(max(0.5, base * random.uniform(0.5, 1.0)))
+
+
+def _metric_name(reason: str) -> str:
+    """A rejection reason as a field-key-safe metric name."""
+    return "".join(c if c.isalnum() else "_" for c in reason.lower()).strip("_")[:60] or "other"

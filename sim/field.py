@@ -531,6 +531,10 @@ class FieldDevice:
                     ch = _MEASURAND_CHANNEL[(sv["measurand"], sv.get("phase"))]
                     t.append((_cch(ch, n), float(sv["value"])))
             return
+        self._truth_transaction(msg, body)
+
+    def _truth_transaction(self, msg: Message, body: dict[str, Any]) -> None:
+        t = msg.truth
         assert isinstance(self.model, ChargerModel)
         if "event" in body:  # OCPP 1.6
             starting = body["event"] == "start"
@@ -768,20 +772,17 @@ class FieldSim:
             }
             topic = f"field/charger/{spec.id}/transaction"
             field_, other = "meterStart", f"field/bench/{spec.id}/telemetry"
-        if kind == "not_json":
-            raw = orjson.dumps(base)
-            return topic, raw[: len(raw) - 8]
-        if kind == "wrong_types":
-            return topic, orjson.dumps({**base, field_: {"value": "sunny"}})
-        if kind == "nan":
-            return topic, orjson.dumps({**base, field_: 0.125}).replace(b"0.125", b"NaN")
-        if kind == "oversized":
-            return topic, orjson.dumps({**base, "pad": "x" * oversized_bytes})
-        if kind == "unknown_device":
-            return topic.replace(f"/{spec.id}/", f"/{spec.id}-ghost/"), orjson.dumps(base)
-        if kind == "missing_field":
-            return topic, orjson.dumps({k: v for k, v in base.items() if k != field_})
-        return other, orjson.dumps(base)  # wrong_topic
+        raw = orjson.dumps(base)
+        variants: dict[str, tuple[str, bytes]] = {
+            "not_json": (topic, raw[: len(raw) - 8]),
+            "wrong_types": (topic, orjson.dumps({**base, field_: {"value": "sunny"}})),
+            "nan": (topic, orjson.dumps({**base, field_: 0.125}).replace(b"0.125", b"NaN")),
+            "oversized": (topic, orjson.dumps({**base, "pad": "x" * oversized_bytes})),
+            "unknown_device": (topic.replace(f"/{spec.id}/", f"/{spec.id}-ghost/"), raw),
+            "missing_field": (topic, orjson.dumps({k: v for k, v in base.items() if k != field_})),
+            "wrong_topic": (other, raw),
+        }
+        return variants[kind]
 
     def inject_malformed(self, device: str, kind: str, **kwargs: Any) -> tuple[str, bytes]:
         """Publish a malformed message now (no link, no seq, no truth); returns it."""

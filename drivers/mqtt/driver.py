@@ -199,9 +199,7 @@ class _Rows:
         self.ts_receive.append(t_rcv)
         self.seq.append(seq)
 
-    def extend(
-        self, series: list[int], values: list[Any], ts: int, t_rcv: int, seq: int
-    ) -> None:
+    def extend(self, series: list[int], values: list[Any], ts: int, t_rcv: int, seq: int) -> None:
         n = len(series)
         self.series.extend(series)
         self.value.extend(values)
@@ -466,7 +464,7 @@ class MqttFieldDriver(DriverBase):
         if len(inbox) >= self.config.queue_size:
             self._inbox_dropped += 1
         else:
-            inbox.append((msg.topic, msg.payload, now_ns()))
+            inbox.append((msg.topic, bytes(msg.payload), now_ns()))
         # Append first, then look at the flag; stream() clears the flag before draining,
         # so a message is either drained by the current pass or triggers a new wake-up.
         if not self._wake_pending:
@@ -531,7 +529,7 @@ class MqttFieldDriver(DriverBase):
                     await asyncio.sleep(linger)
             self._wake_pending = False
             self._fold_drops()
-            items = []
+            items: list[tuple[str, bytes, int]] = []
             while inbox and len(items) < limit:
                 items.append(inbox.popleft())
             if not items:

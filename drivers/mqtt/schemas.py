@@ -312,51 +312,74 @@ MEASURANDS: dict[tuple[str, str | None], str] = {
 """(measurand, phase) -> channel; anything else is counted as ``mqtt_unmapped_measurand``."""
 
 
-_BENCH_FLOATS = frozenset({"pv_w", "pv_wh_total", "batt_v", "temp_c", "rh_pct", "rssi_dbm"})
-_BENCH_COUNTS = frozenset({"usb_active", "qi_active", "sessions_today"})
-_BENCH_OPTIONAL_FLOATS = frozenset({"pm2_5", "noise_dba"})
+_NUM = (int, float)
+_BENCH_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
+    ("pv_w", _NUM),
+    ("pv_wh_total", _NUM),
+    ("batt_v", _NUM),
+    ("batt_soc_pct", _NUM),
+    ("protect_mode", (bool,)),
+    ("usb_active", (int,)),
+    ("qi_active", (int,)),
+    ("sessions_today", (int,)),
+    ("occupancy", (int, type(None))),
+    ("temp_c", _NUM),
+    ("rh_pct", _NUM),
+    ("pm2_5", (*_NUM, type(None))),
+    ("noise_dba", (*_NUM, type(None))),
+    ("rssi_dbm", _NUM),
+    ("seq", (int,)),
+    ("ts", (str,)),
+)
+"""Exact JSON types the fast path takes per field (``type(v) in``: bool is not an int here)."""
+_BENCH_FIELDS = tuple(name for name, _ in _BENCH_TYPES)
+_good_signatures: set[tuple[type, ...]] = set()
+_MAX_SIGNATURES = 256
+
+
+def _loads_dict(payload: bytes) -> dict[str, Any] | None:
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return data if type(data) is dict else None
+
+
+def _bench_ok(vals: list[Any]) -> bool:
+    """Types (once per signature, then a set lookup) and value ranges of the fast path."""
+    sig = tuple(map(type, vals))
+    if sig not in _good_signatures:
+        if not all(t in ok for t, (_, ok) in zip(sig, _BENCH_TYPES, strict=True)):
+            return False
+        if len(_good_signatures) < _MAX_SIGNATURES:
+            _good_signatures.add(sig)
+    occupancy = vals[8]
+    return (
+        0 <= vals[3] <= 100  # batt_soc_pct
+        and min(vals[5], vals[6], vals[7], vals[14]) >= 0  # counts and seq
+        and (occupancy is None or occupancy >= 0)
+    )
 
 
 def fast_bench(payload: bytes, names: tuple[str, ...]) -> tuple[int, int, list[Any]] | None:
     """(ts ns, seq, values in ``names`` order) of a well-formed telemetry payload, else None.
 
     The hot path: accepts a strict subset of what :class:`BenchTelemetry` accepts
-    (checked by a property test), so anything unusual, and every error, goes to
-    the pydantic model, which gives the precise reason. orjson rejects NaN and
-    infinity outright, so the values here are finite.
+    (a property test holds them together), so anything unusual, and every error,
+    goes to the pydantic model, which gives the precise reason. orjson rejects
+    NaN and infinity outright, so the values here are finite.
     """
-    try:
-        data = orjson.loads(payload)
-    except orjson.JSONDecodeError:
+    data = _loads_dict(payload)
+    if data is None:
         return None
-    if type(data) is not dict:
-        return None
-    seq, ts = data.get("seq"), data.get("ts")
-    if type(seq) is not int or seq < 0 or type(ts) is not str:
+    get = data.get
+    vals: list[Any] = [get(name) for name in _BENCH_FIELDS]
+    if not _bench_ok(vals):
         return None
     try:
-        ts_ns = parse_ts(ts)
+        ts_ns = parse_ts(vals[15])
     except ValueError:
         return None
-    soc = data.get("batt_soc_pct")
-    if type(soc) not in {int, float} or not 0 <= soc <= 100:
-        return None
-    if type(data.get("protect_mode")) is not bool:
-        return None
-    occupancy = data.get("occupancy")
-    if occupancy is not None and (type(occupancy) is not int or occupancy < 0):
-        return None
-    values = []
-    for name in names:
-        v = data.get(name)
-        t = type(v)
-        if name in _BENCH_FLOATS:
-            if t is not float and t is not int:
-                return None
-        elif name in _BENCH_COUNTS:
-            if t is not int or v < 0:
-                return None
-        elif name in _BENCH_OPTIONAL_FLOATS and v is not None and t is not float and t is not int:
-            return None
-        values.append(v)
-    return ts_ns, seq, values
+    if names == _BENCH_FIELDS[:14]:
+        return ts_ns, vals[14], vals[:14]
+    return ts_ns, vals[14], [get(name) for name in names]

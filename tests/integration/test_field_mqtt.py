@@ -94,7 +94,7 @@ async def running(
 
         async def consume() -> None:
             async for batch in driver.stream():
-                batches.append(batch)
+                batches.append(batch)  # noqa: PERF401 - a live list the test polls
 
         task = asyncio.create_task(consume())
         await sim.start()
@@ -108,7 +108,9 @@ async def running(
 
 
 def delivered_truth(truth: GroundTruth) -> dict[tuple[str, str, int], tuple[float, int]]:
-    return {(r.device, r.channel, r.ts_ns): (r.value, r.seq) for r in truth.records() if not r.dropped}
+    return {
+        (r.device, r.channel, r.ts_ns): (r.value, r.seq) for r in truth.records() if not r.dropped
+    }
 
 
 @pytest.mark.parametrize("ocpp", ["1.6", "2.0.1"])
@@ -117,7 +119,13 @@ async def test_values_equal_ground_truth(mosquitto: Mosquitto, ocpp: str) -> Non
         FieldDeviceSpec(kind="bench", id="bench-01", interval_s=60, seed=1, count=40),
         FieldDeviceSpec(kind="charger", id="cp-01", interval_s=60, seed=2, count=60, ocpp=ocpp),
         FieldDeviceSpec(
-            kind="charger", id="cp-02", interval_s=60, seed=3, count=60, ocpp=ocpp, connectors=2,
+            kind="charger",
+            id="cp-02",
+            interval_s=60,
+            seed=3,
+            count=60,
+            ocpp=ocpp,
+            connectors=2,
             max_power_kw=22,
         ),
     ]
@@ -172,8 +180,10 @@ async def test_malformed_payloads_dead_lettered(
     for injected, counted in kinds.items():
         assert counters[f"mqtt_invalid_{counted}"] == 2, (injected, dict(counters))
     assert any(r.startswith("missing_field: pv_w: Field required") for r in reasons)
-    assert any(r.startswith("missing_field: meterStart") or "meterStart" in r for r in reasons)
-    assert any(r.startswith("non_finite: batt_v") or r.startswith("non_finite: pv_w") for r in reasons)
+    assert any(r.startswith("missing_field: meterStart: Field required") for r in reasons)
+    assert any(r.startswith("non_finite: pv_w") for r in reasons)
+    assert any(r.startswith("non_finite: meterStart") for r in reasons)
+    assert any(r.startswith("wrong_type: meterStart") for r in reasons)
     assert any("is a bench but published on a 'charger' topic" in r for r in reasons)
     assert any("is a charger but published on a 'bench' topic" in r for r in reasons)
     assert any("bench-07-ghost" in r and r.startswith("unknown_device") for r in reasons)
@@ -182,12 +192,16 @@ async def test_malformed_payloads_dead_lettered(
     assert tags
     blobs = [p for _, p, _ in run.letters.items] + [r.encode() for r in reasons]
     blobs.append(caplog.text.encode())
-    blobs.append(repr(run.driver.transactions).encode() + repr(run.driver.last_transaction).encode())
+    blobs.append(
+        repr(run.driver.transactions).encode() + repr(run.driver.last_transaction).encode()
+    )
     for tag in tags:
         for blob in blobs:
             assert tag.encode() not in blob
     # One WARNING per device and reason, the repeats (none here) at DEBUG.
-    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "rejected" in r.message]
+    warnings = [
+        r for r in caplog.records if r.levelno == logging.WARNING and "rejected" in r.message
+    ]
     assert len(warnings) == 2 * len(MALFORMED_KINDS)
 
 
@@ -218,7 +232,9 @@ async def test_link_drops_are_truth_not_storage(mosquitto: Mosquitto) -> None:
     specs = [
         FieldDeviceSpec(kind="bench", id="bench-l", interval_s=60, seed=11, count=150, link=bursty),
         FieldDeviceSpec(kind="bench", id="bench-s", interval_s=60, seed=12, count=150, link=stalls),
-        FieldDeviceSpec(kind="bench", id="bench-c", interval_s=60, seed=13, count=150, link="cell_edge"),
+        FieldDeviceSpec(
+            kind="bench", id="bench-c", interval_s=60, seed=13, count=150, link="cell_edge"
+        ),
     ]
     # 150 messages each in ~1.5 s; the fixed seeds make the losses the same every run.
     async with running(mosquitto, specs, speed=6000) as run:
@@ -238,7 +254,11 @@ async def test_link_drops_are_truth_not_storage(mosquitto: Mosquitto) -> None:
 
 
 async def test_receive_time_after_source_time(mosquitto: Mosquitto) -> None:
-    specs = [FieldDeviceSpec(kind="bench", id="bench-d", interval_s=60, seed=5, count=20, link="sa_uplink_loaded")]
+    specs = [
+        FieldDeviceSpec(
+            kind="bench", id="bench-d", interval_s=60, seed=5, count=20, link="sa_uplink_loaded"
+        )
+    ]
     async with running(mosquitto, specs) as run:
         await run.sim.wait_done()
         await run.until(len(delivered_truth(run.truth)))

@@ -42,7 +42,9 @@ def bench(seq: int = 0, **patch: object) -> bytes:
     return orjson.dumps({**body, **patch})
 
 
-def rows(drv: MqttFieldDriver, items: list[tuple[str, bytes]]) -> dict[tuple[str, str], list[float]]:
+def rows(
+    drv: MqttFieldDriver, items: list[tuple[str, bytes]]
+) -> dict[tuple[str, str], list[float]]:
     batch = drv.parse([(t, p, NS0 + 5) for t, p in items])
     out: dict[tuple[str, str], list[float]] = {}
     for s, v in zip(batch.series, batch.value, strict=True):
@@ -60,7 +62,9 @@ def test_bench_message_to_rows() -> None:
     assert set(batch.ts_receive) == {NS0 + 5}
     assert set(batch.seq) == {812}
     assert set(batch.quality) == {0}
-    got = {drv.series[int(s)].channel: float(v) for s, v in zip(batch.series, batch.value, strict=True)}
+    got = {
+        drv.series[int(s)].channel: float(v) for s, v in zip(batch.series, batch.value, strict=True)
+    }
     assert got["protect_mode"] == 1.0
     assert got["pv_w"] == 61.5
     assert got["rssi_dbm"] == -97.0
@@ -93,7 +97,10 @@ def test_charger_session_16_with_connector_from_transaction_map() -> None:
 
 def test_charger_session_201() -> None:
     drv, letters = driver()
-    mv = lambda v: [{"timestamp": T0, "sampledValue": [{"value": v, "unitOfMeasure": {"unit": "kWh"}}]}]  # noqa: E731
+
+    def mv(v: float) -> list[dict[str, object]]:
+        return [{"timestamp": T0, "sampledValue": [{"value": v, "unitOfMeasure": {"unit": "kWh"}}]}]
+
     got = rows(
         drv,
         [
@@ -156,9 +163,9 @@ def test_rejects_are_dead_lettered_counted_and_precise(
     assert drv.ctx.counters[f"mqtt_invalid_{kind}"] == 1
 
 
-def test_failed_message_leaves_no_partial_rows() -> None:
-    drv, letters = driver()
-    # The 1.6 stop names connector 3, which cp-01 does not have: rows are skipped, not half-written.
+def test_unknown_connector_rows_are_skipped_and_counted() -> None:
+    drv, _ = driver()
+    # The 1.6 stop names connector 3, which cp-01 does not have: its rows have no series.
     payload = orjson.dumps({"ts": T0, "seq": 1, "event": "stop", "transactionId": 1,
                             "connectorId": 3, "meterStop": 5})  # fmt: skip
     batch = drv.parse([("field/charger/cp-01/transaction", payload, 1)])
@@ -197,7 +204,10 @@ def test_scrub_walks_nested_json_and_regexes_the_rest() -> None:
         return f"<{s.lower()}>"
 
     nested = orjson.dumps({"a": [{"IdTag": "X1"}, {"idToken": {"idToken": "X2", "type": "t"}}]})
-    assert scrub_id_tags(nested, p) == b'{"a":[{"IdTag":"<x1>"},{"idToken":{"idToken":"<x2>","type":"t"}}]}'
+    assert (
+        scrub_id_tags(nested, p)
+        == b'{"a":[{"IdTag":"<x1>"},{"idToken":{"idToken":"<x2>","type":"t"}}]}'
+    )
     broken = b'{"idTag" : "X3", "parentIdTag":"X4", "x": '
     assert scrub_id_tags(broken, p) == b'{"idTag" : "<x3>", "parentIdTag":"<x4>", "x": '
 
@@ -254,7 +264,8 @@ async def test_secret_required_for_chargers() -> None:
 async def test_password_env_unset_is_a_connect_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TPO_TEST_MQTT_PW", raising=False)
     cfg = make_config(
-        [{"id": "b1", "kind": "bench"}], broker={"username": "u", "password_env": "TPO_TEST_MQTT_PW"}
+        [{"id": "b1", "kind": "bench"}],
+        broker={"username": "u", "password_env": "TPO_TEST_MQTT_PW"},
     )
     ctx, _ = make_ctx()
     with pytest.raises(ConnectError, match="TPO_TEST_MQTT_PW"):
@@ -266,7 +277,9 @@ async def test_unreachable_broker_is_a_connect_error_naming_it() -> None:
     from edge.services import free_port
 
     port = free_port()
-    cfg = make_config([{"id": "b1", "kind": "bench"}], broker={"port": port, "connect_timeout_s": 0.5})
+    cfg = make_config(
+        [{"id": "b1", "kind": "bench"}], broker={"port": port, "connect_timeout_s": 0.5}
+    )
     ctx, _ = make_ctx()
     with pytest.raises(ConnectError, match=f"127.0.0.1:{port}"):
         async with MqttFieldDriver(cfg, make_table(cfg), ctx):

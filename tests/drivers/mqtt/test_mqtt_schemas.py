@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import math
 
+import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
+from drivers.mqtt.config import BENCH_CHANNELS
 from drivers.mqtt.schemas import (
     BenchTelemetry,
     ChargerMeter,
@@ -14,6 +18,7 @@ from drivers.mqtt.schemas import (
     TransactionStartV16,
     TransactionStopV16,
     TransactionV201,
+    fast_bench,
     format_ts,
     parse_transaction,
     parse_ts,
@@ -65,7 +70,9 @@ def errors(model: type, data: dict[str, object]) -> list[tuple[str, str]]:
         ({"ts": True}, ("ts", "timestamp_type")),
     ],
 )
-def test_bench_rejections_name_the_field(patch: dict[str, object], expected: tuple[str, str]) -> None:
+def test_bench_rejections_name_the_field(
+    patch: dict[str, object], expected: tuple[str, str]
+) -> None:
     assert expected in errors(BenchTelemetry, {**BENCH, **patch})
 
 
@@ -118,8 +125,11 @@ def test_meter_16_strings_and_201_numbers() -> None:
                     "timestamp": "2026-03-02T09:15:00Z",
                     "sampledValue": [
                         {"value": 15.23, "unitOfMeasure": {"unit": "kWh"}},
-                        {"value": 1098, "measurand": "Power.Active.Import",
-                         "unitOfMeasure": {"unit": "W", "multiplier": 1}},
+                        {
+                            "value": 1098,
+                            "measurand": "Power.Active.Import",
+                            "unitOfMeasure": {"unit": "W", "multiplier": 1},
+                        },
                     ],
                 }
             ],
@@ -134,8 +144,8 @@ def test_meter_16_strings_and_201_numbers() -> None:
     [("NaN", "finite_number"), ("abc", "float_parsing"), ([1], "float_type"), (True, "float_type")],
 )
 def test_meter_value_rejections(value: object, kind: str) -> None:
-    data = {**METER_16, "meterValue": [{"timestamp": "2026-03-02T09:15:00Z",
-                                        "sampledValue": [{"value": value}]}]}  # fmt: skip
+    meter_value = {"timestamp": "2026-03-02T09:15:00Z", "sampledValue": [{"value": value}]}
+    data = {**METER_16, "meterValue": [meter_value]}
     assert ("meterValue.0.sampledValue.0.value", kind) in errors(ChargerMeter, data)
 
 
@@ -146,25 +156,67 @@ def test_status_16_and_201() -> None:
         {"ts": 0, "seq": 0, "evseId": 1, "connectorStatus": "Occupied", "chargingState": "Charging"}
     )
     assert s201.connector == 1
-    assert ("status", "literal_error") in errors(ChargerStatus, {"ts": 0, "seq": 0, "status": "Busy"})
+    assert ("status", "literal_error") in errors(
+        ChargerStatus, {"ts": 0, "seq": 0, "status": "Busy"}
+    )
     both = {"ts": 0, "seq": 0, "status": "Available", "connectorStatus": "Available"}
     assert errors(ChargerStatus, both)[0][1] == "value_error"
 
 
 def test_transactions_pick_version_by_marker() -> None:
     start = parse_transaction(
-        {"ts": 0, "seq": 1, "event": "start", "connectorId": 1, "transactionId": 7,
-         "idTag": "ABC", "meterStart": "100"}  # fmt: skip
+        {
+            "ts": 0,
+            "seq": 1,
+            "event": "start",
+            "connectorId": 1,
+            "transactionId": 7,
+            "idTag": "ABC",
+            "meterStart": "100",
+        }
     )
     assert isinstance(start, TransactionStartV16)
     assert start.meterStart == 100.0
-    stop = parse_transaction({"ts": 0, "seq": 2, "event": "stop", "transactionId": 7, "meterStop": 900})
+    stop = parse_transaction(
+        {"ts": 0, "seq": 2, "event": "stop", "transactionId": 7, "meterStop": 900}
+    )
     assert isinstance(stop, TransactionStopV16)
     ended = parse_transaction(
         {"ts": 0, "seq": 3, "eventType": "Ended", "transactionInfo": {"transactionId": "7"}}
     )
     assert isinstance(ended, TransactionV201)
     with pytest.raises(ValidationError) as info:
-        parse_transaction({"ts": 0, "seq": 1, "event": "start", "connectorId": 1, "transactionId": 7})
+        parse_transaction(
+            {"ts": 0, "seq": 1, "event": "start", "connectorId": 1, "transactionId": 7}
+        )
     missing = {e["loc"][0] for e in info.value.errors() if e["type"] == "missing"}
     assert missing == {"idTag", "meterStart"}
+
+
+_ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 200),
+    st.floats(-1e6, 1e6, allow_nan=False),
+    st.text(max_size=3),
+    st.just([1]),
+)
+
+
+@given(
+    patch=st.dictionaries(st.sampled_from(sorted(BENCH)), _ANY_VALUE),
+    drop=st.sets(st.sampled_from(sorted(BENCH))),
+)
+def test_fast_path_accepts_only_what_the_model_accepts(
+    patch: dict[str, object], drop: set[str]
+) -> None:
+    data = {k: v for k, v in {**BENCH, **patch}.items() if k not in drop}
+    payload = orjson.dumps(data)
+    names = tuple(c.name for c in BENCH_CHANNELS)
+    fast = fast_bench(payload, names)
+    if fast is None:
+        return
+    model = BenchTelemetry.model_validate_json(payload)  # must not raise
+    assert fast[0] == model.ts
+    assert fast[1] == model.seq
+    assert fast[2] == [getattr(model, n) for n in names]
