@@ -152,6 +152,18 @@ class KpiConfig(Model):
     deadlines_ms: tuple[float, ...] = (10.0, 50.0)
     survival_time_ms: float = Field(default=0.0, ge=0)
     transfer_interval_ms: float | None = Field(default=None, gt=0)
+    ideal_cycle_s: float | dict[str, float] | None = None
+    """Ideal cycle time for OEE performance: one value, or per device name (machines without
+    one use 30 s)."""
+
+    @field_validator("ideal_cycle_s")
+    @classmethod
+    def _positive_cycles(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+        cycles = value.values() if isinstance(value, dict) else [] if value is None else [value]
+        if any(c <= 0 for c in cycles):
+            msg = "ideal cycle times must be > 0 s"
+            raise ValueError(msg)
+        return value
 
 
 Source = Annotated[ModbusSource | OpcUaSource | MqttFieldSource, Field(discriminator="type")]

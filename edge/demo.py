@@ -55,9 +55,9 @@ class Demo:
         duration_s: float = 30.0,
         broker: Literal["auto", "mosquitto", "python"] = "auto",
         database: Literal["auto", "influxd", "sqlite"] = "auto",
-        report: Path | None = Path("tpo-demo-report.html"),
+        report: Path | None = None,
     ) -> None:
-        """Load the site and scenario (ConfigError on a bad file); ``report``: None skips it."""
+        """Load the site and scenario (ConfigError on a bad file); ``report``: HTML file or None."""
         self.site_file = site_file or example_site_path()
         self.site = load_site(self.site_file)
         self.scenario = load_scenario(scenario or example_scenario_path())

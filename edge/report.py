@@ -507,7 +507,7 @@ def _ticks(axis: Axis, lo: float, hi: float) -> list[tuple[float, str]]:
     if axis.kind == "time":
         return [(t, _time_label(t, hi - lo)) for t in time_ticks(lo, hi)]
     if axis.percent:
-        return [(t, f"{t * 100:.4g} %") for t in linear_ticks(lo, hi)]
+        return [(t, f"{format_number(t * 100)} %") for t in linear_ticks(lo, hi)]
     return [(t, format_number(t)) for t in linear_ticks(lo, hi)]
 
 
@@ -997,6 +997,11 @@ def _machines(data: ReportData, colours: Mapping[DeviceKey, str]) -> str:
         " ratios): availability = run / planned, performance = ideal cycle x parts / run,"
         " quality = good / parts.</p>"
     )
+    if any(_num(p.fields.get("performance")) > 1.0 for p in points):
+        note += (
+            '<p class="bad">Performance above 100 %: the ideal cycle time'
+            " (<code>kpi.ideal_cycle_s</code>) is longer than the machines' real cycles.</p>"
+        )
     body = f'<div class="grid2">{"".join(charts)}</div>'
     body += legend([(_label(k, keys), colours[k]) for k in keys])
     return _section("machines", "Machines: OEE", body + _table(head, rows, left=2) + note)

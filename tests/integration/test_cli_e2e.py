@@ -44,7 +44,15 @@ def _demo_env() -> dict[str, str]:
 async def test_demo_stores_everything_it_simulated(tmp_path: Path, mosquitto: Mosquitto) -> None:
     summary_path = tmp_path / "summary.json"
     code, out, err = await run(
-        "demo", "--duration", "6", "--summary-json", str(summary_path), "--no-live", env=_demo_env()
+        "demo",
+        "--duration",
+        "6",
+        "--summary-json",
+        str(summary_path),
+        "--report",
+        str(tmp_path / "report.html"),
+        "--no-live",
+        env=_demo_env(),
     )
     assert code == 0, err[-3000:]
     summary = json.loads(summary_path.read_text())
@@ -55,6 +63,8 @@ async def test_demo_stores_everything_it_simulated(tmp_path: Path, mosquitto: Mo
     assert summary["broker"] == "mosquitto"
     assert summary["database"] == "influxd"
     assert json.loads(out)["stored"] == summary["stored"]
+    assert Path(summary["report"]) == tmp_path / "report.html"
+    assert "<svg" in (tmp_path / "report.html").read_text()
 
 
 async def test_demo_without_servers_uses_python_broker_and_sqlite(tmp_path: Path) -> None:
@@ -65,6 +75,8 @@ async def test_demo_without_servers_uses_python_broker_and_sqlite(tmp_path: Path
         "4",
         "--summary-json",
         str(summary_path),
+        "--report",
+        str(tmp_path / "report.html"),
         "--no-live",
         "--broker",
         "python",
@@ -88,6 +100,8 @@ async def test_demo_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
         "0",
         "--summary-json",
         str(summary_path),
+        "--report",
+        str(tmp_path / "report.html"),
         "--no-live",
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
