@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import secrets
 import tempfile
 import time
 from importlib import resources
@@ -60,6 +62,11 @@ class Demo:
         """Load the site and scenario (ConfigError on a bad file); ``report``: HTML file or None."""
         self.site_file = site_file or example_site_path()
         self.site = load_site(self.site_file)
+        if not os.environ.get(self.site.secret_env):
+            # Pseudonyms of charging idTags are keyed by the site secret. A demo has no
+            # campus secret: use a random one for this run (pseudonyms differ per run).
+            log.warning("%s is not set: using a random site secret for this demo run", self.site.secret_env)
+            os.environ[self.site.secret_env] = secrets.token_hex(32)
         self.scenario = load_scenario(scenario or example_scenario_path())
         self.duration_s = duration_s
         self.broker_choice = broker

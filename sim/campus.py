@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from edge.kpi import DEFAULT_IDEAL_CYCLE_S
 from edge.services import free_port
 from edge.yamlpath import load_model
 from sim.clock import SimClock
@@ -30,7 +31,7 @@ from sim.opcua import OpcUaMachineSpec, OpcUaServerSim
 if TYPE_CHECKING:
     from pathlib import Path
 
-    from edge.config import DatabaseConfig, SiteConfig
+    from edge.config import DatabaseConfig, KpiConfig, SiteConfig
     from sim.truth import GroundTruth
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,23 @@ class Campus:
         with contextlib.suppress(asyncio.CancelledError):
             await self.stop()
 
+    def _scaled_kpi(self, site: SiteConfig) -> KpiConfig:
+        """KPI settings with ideal cycle times on the simulator's accelerated clock.
+
+        Machines cycle ``speed`` times faster than on the shop floor, while every
+        timestamp is wall-clock: an ideal cycle of 30 s is 0.5 s of wall time at speed 60.
+        """
+        speed = self.scenario.speed
+        cycles = site.kpi.ideal_cycle_s
+        scaled: float | dict[str, float]
+        if cycles is None:
+            scaled = DEFAULT_IDEAL_CYCLE_S / speed
+        elif isinstance(cycles, dict):
+            scaled = {device: s / speed for device, s in cycles.items()}
+        else:
+            scaled = cycles / speed
+        return site.kpi.model_copy(update={"ideal_cycle_s": scaled})
+
     def patch_site(
         self,
         site: SiteConfig,
@@ -199,6 +217,7 @@ class Campus:
             sources.append(source.model_copy(update=update))
         return site.model_copy(
             update={
+                "kpi": self._scaled_kpi(site),
                 "sources": tuple(sources),
                 "broker": site.broker.model_copy(
                     update={"host": broker[0], "port": broker[1], "protocol": protocol}

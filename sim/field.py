@@ -617,6 +617,8 @@ class FieldSim:
         self._connected: asyncio.Event | None = None
         self.published = 0
         self.acked = 0
+        self._running = asyncio.Event()
+        self._running.set()
 
     @property
     def id_tags(self) -> set[str]:
@@ -664,10 +666,21 @@ class FieldSim:
         for dev in self.devices.values():
             self._tasks.append(asyncio.create_task(self._run(dev), name=f"fieldsim[{dev.spec.id}]"))
 
+    def pause(self) -> None:
+        """Stop producing messages (what is already scheduled still goes out)."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        """Produce messages again."""
+        self._running.set()
+
     async def _run(self, dev: FieldDevice) -> None:
         period = dev.spec.interval_s / self.clock.speed
         next_t = time.monotonic()
         while dev.spec.count is None or dev.ticks < dev.spec.count:
+            if not self._running.is_set():
+                await self._running.wait()
+                next_t = time.monotonic()  # no catch-up burst after a pause
             self.send(dev, dev.tick())
             next_t += period
             await asyncio.sleep(max(0.0, next_t - time.monotonic()))
