@@ -158,7 +158,9 @@ class KpiConfig(Model):
 
     @field_validator("ideal_cycle_s")
     @classmethod
-    def _positive_cycles(cls, value: float | dict[str, float] | None) -> float | dict[str, float] | None:
+    def _positive_cycles(
+        cls, value: float | dict[str, float] | None
+    ) -> float | dict[str, float] | None:
         cycles = value.values() if isinstance(value, dict) else [] if value is None else [value]
         if any(c <= 0 for c in cycles):
             msg = "ideal cycle times must be > 0 s"

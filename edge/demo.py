@@ -65,7 +65,9 @@ class Demo:
         if not os.environ.get(self.site.secret_env):
             # Pseudonyms of charging idTags are keyed by the site secret. A demo has no
             # campus secret: use a random one for this run (pseudonyms differ per run).
-            log.warning("%s is not set: using a random site secret for this demo run", self.site.secret_env)
+            log.warning(
+                "%s is not set: using a random site secret for this demo run", self.site.secret_env
+            )
             os.environ[self.site.secret_env] = secrets.token_hex(32)
         self.scenario = load_scenario(scenario or example_scenario_path())
         self.duration_s = duration_s
