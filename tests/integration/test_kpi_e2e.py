@@ -72,7 +72,9 @@ async def test_stored_link_kpis_match_ground_truth(mosquitto: Mosquitto, influxd
     site = make_site(
         [field_source(mosquitto, area, devs) for area, devs in AREAS.items()],
         mosquitto.port,
-        kpi={"windows_s": [WINDOW_S], "allowed_lateness_s": 0.5, "deadlines_ms": [10.0, 50.0]},
+        # Generous lateness: on a loaded CI machine a batch may reach the engine a while
+        # after receipt; a late sample would be counted late instead of in its window.
+        kpi={"windows_s": [WINDOW_S], "allowed_lateness_s": 3.0, "deadlines_ms": [10.0, 50.0]},
     )
     truth = GroundTruth()
     sim = FieldSim(mosquitto.host, mosquitto.port, specs, truth, SimClock(speed=12000))
