@@ -61,7 +61,7 @@ class BrokerConfig(Model):
 
     def password(self) -> str | None:
         """The password from the environment, or None."""
-        return _env_secret(self.password_env, "broker.password_env")
+        return env_secret(self.password_env, "broker.password_env")
 
 
 class AgentConfig(Model):
@@ -232,7 +232,11 @@ class SiteConfig(Model):
         return os.environ.get(self.secret_env, "").encode()
 
 
-def _env_secret(var: str | None, where: str) -> str | None:
+def env_secret(var: str | None, where: str) -> str | None:
+    """The value of the environment variable ``var`` (None when no variable is configured).
+
+    ``where`` is the YAML path that names the variable, for the error when it is unset.
+    """
     if var is None:
         return None
     value = os.environ.get(var)

@@ -24,7 +24,6 @@ import asyncio
 import html
 import logging
 import math
-import os
 import re
 import time
 from collections import defaultdict
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from edge.config import env_secret
 from edge.errors import ConfigError, EdgeError
 from edge.kpi import AREA_DEVICE, CAMPUS, MEASUREMENTS
 
@@ -216,15 +216,6 @@ def sqlite_source(path: Path) -> SqliteSource:
     return SqliteSource(SqliteStore(path))
 
 
-def _env(var: str | None, where: str) -> str | None:
-    if var is None:
-        return None
-    value = os.environ.get(var)
-    if value is None:
-        raise ConfigError("environment", [(where, None, f"environment variable {var} is not set")])
-    return value
-
-
 def site_source(db: DatabaseConfig) -> ReportSource:
     """A source reading the database a site file configures."""
     if db.kind == "sqlite":
@@ -236,14 +227,14 @@ def site_source(db: DatabaseConfig) -> ReportSource:
             url=db.url,
             org=db.org or "",
             bucket=db.bucket or "",
-            token=_env(db.token_env, "database.token_env") or "",
+            token=env_secret(db.token_env, "database.token_env") or "",
         )
         return InfluxSource(writer, f"InfluxDB {db.url} bucket={db.bucket}")
     return influx_source(
         db.url,
         db.database,
         username=db.username,
-        password=_env(db.password_env, "database.password_env"),
+        password=env_secret(db.password_env, "database.password_env"),
     )
 
 

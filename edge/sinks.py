@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from typing import TYPE_CHECKING
 
-from edge.errors import ConfigError
+from edge.config import env_secret
 
 if TYPE_CHECKING:
     from edge.config import DatabaseConfig
     from edge.ingest import Sink
-
-
-def _env(var: str | None, where: str) -> str | None:
-    if var is None:
-        return None
-    value = os.environ.get(var)
-    if value is None:
-        raise ConfigError("environment", [(where, None, f"environment variable {var} is not set")])
-    return value
 
 
 async def open_sink(cfg: DatabaseConfig) -> Sink:
@@ -30,7 +20,7 @@ async def open_sink(cfg: DatabaseConfig) -> Sink:
     if cfg.kind == "influxdb_v2":
         from edge.influx import InfluxV2Writer  # noqa: PLC0415
 
-        token = _env(cfg.token_env, "database.token_env") or ""
+        token = env_secret(cfg.token_env, "database.token_env") or ""
         return InfluxV2Writer(url=cfg.url, org=cfg.org or "", bucket=cfg.bucket or "", token=token)
     from edge.influx import InfluxV1Writer  # noqa: PLC0415
 
@@ -38,7 +28,7 @@ async def open_sink(cfg: DatabaseConfig) -> Sink:
         url=cfg.url,
         database=cfg.database,
         username=cfg.username,
-        password=_env(cfg.password_env, "database.password_env"),
+        password=env_secret(cfg.password_env, "database.password_env"),
         gzip=cfg.gzip,
     )
     await writer.ensure_database()

@@ -9,21 +9,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
-import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 
 from edge import lineprotocol as lp
 from edge.errors import SinkError, SinkRejectedError
 from edge.influx import InfluxV1Writer, InfluxV2Writer, _Backoff, retry_after_s
 from edge.services import Influxd, free_port
 
-pytestmark = pytest.mark.integration
+from .v2shim import TOKEN, Shim, v2_shim
 
-TOKEN = "test-token"  # a throwaway token of the shim
+pytestmark = pytest.mark.integration
 
 
 def batch(n: int, seed: int = 1, devices: int = 10) -> tuple[bytes, np.ndarray, np.ndarray]:
@@ -107,76 +104,10 @@ async def test_unreachable_server_gives_up_after_max_retries() -> None:
     assert not isinstance(info.value, SinkRejectedError)
 
 
-@dataclass
-class Shim:
-    """A fake InfluxDB 2.x front that forwards to the real influxd."""
-
-    influxd: Influxd
-    url: str = ""
-    answers: list[tuple[int, dict[str, str]]] = field(default_factory=list)
-    """Status and headers to answer (instead of forwarding) for the next writes."""
-    seen: list[str] = field(default_factory=list)
-    forwarded: int = 0
-    sizes: list[tuple[int, int]] = field(default_factory=list)
-    """(bytes on the wire, bytes of line protocol) per write."""
-
-
 @pytest.fixture
 async def shim(influxd: Influxd) -> AsyncIterator[Shim]:
-    state = Shim(influxd)
-    session = aiohttp.ClientSession()
-
-    async def write(request: web.Request) -> web.Response:
-        q = request.query
-        problems = []
-        if request.headers.get("Authorization") != f"Token {TOKEN}":
-            return web.json_response({"code": "unauthorized", "message": "bad token"}, status=401)
-        if q.get("org") != "tpo-org" or q.get("bucket") != "tpo" or q.get("precision") != "ns":
-            problems.append(f"query {dict(q)}")
-        if request.headers.get("Content-Encoding") != "gzip":
-            problems.append("not gzip")
-        if problems:
-            return web.json_response(
-                {"code": "invalid", "message": "; ".join(problems)}, status=400
-            )
-        body = await request.read()  # aiohttp has already undone the gzip Content-Encoding
-        state.sizes.append((int(request.headers["Content-Length"]), len(body)))
-        if state.answers:
-            status, headers = state.answers.pop(0)
-            state.seen.append(f"{status}")
-            return web.json_response(
-                {"code": "busy", "message": "try later"}, status=status, headers=headers
-            )
-        state.seen.append("forward")
-        async with session.post(
-            f"{influxd.url}/write", params={"db": "tpo", "precision": "ns"}, data=body
-        ) as r:
-            state.forwarded += 1
-            return web.Response(
-                status=r.status, body=await r.read(), content_type="application/json"
-            )
-
-    async def query(request: web.Request) -> web.Response:
-        if request.headers.get("Authorization") != f"Token {TOKEN}":
-            return web.json_response({"code": "unauthorized", "message": "bad token"}, status=401)
-        form = await request.post()
-        async with session.post(f"{influxd.url}/query", data=dict(form)) as r:
-            return web.Response(
-                status=r.status, body=await r.read(), content_type="application/json"
-            )
-
-    app = web.Application()
-    app.router.add_post("/api/v2/write", write)
-    app.router.add_post("/query", query)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    site = web.TCPSite(runner, "127.0.0.1", port)
-    await site.start()
-    state.url = f"http://127.0.0.1:{port}"
-    yield state
-    await runner.cleanup()
-    await session.close()
+    async with v2_shim(influxd) as state:
+        yield state
 
 
 def v2(shim: Shim, token: str = TOKEN) -> InfluxV2Writer:
