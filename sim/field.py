@@ -39,6 +39,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from drivers.mqtt.config import CHARGER_STATUS_CODES
 from sim.clock import SimClock
 from sim.link import PROFILES, LinkEmulator, LinkProfile
 
@@ -84,18 +85,8 @@ CHARGER_CHANNELS = (
     "transaction_active",
     "session_energy_wh",
 )
-STATUS_CODES = (
-    "Available",
-    "Preparing",
-    "Charging",
-    "SuspendedEVSE",
-    "SuspendedEV",
-    "Finishing",
-    "Reserved",
-    "Unavailable",
-    "Faulted",
-    "Occupied",
-)
+STATUS_CODES = CHARGER_STATUS_CODES
+"""OCPP 1.6 and 2.0.1 connector states, coded as the driver codes them."""
 CHARGING_STATES = ("Idle", "EVConnected", "Charging", "SuspendedEV", "SuspendedEVSE")
 
 MALFORMED_KINDS = (
