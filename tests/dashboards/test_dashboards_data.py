@@ -1,7 +1,7 @@
 """Every target of every panel, run against data from a simulated campus.
 
 One run (module fixture): the example campus (Modbus meters, OPC UA machine tools and a PackML
-line) plus MQTT benches and chargers on emulated 5G links, the example site with 2 s KPI
+line) plus its MQTT benches and chargers, reporting fast, the example site with 4 s KPI
 windows, agent -> mosquitto -> ingest -> influxd, for about eight seconds. Then each
 dashboard's variables are resolved by running their ``SHOW TAG VALUES`` queries in order
 (chained, "All" selected), and every panel target, with Grafana's macros and those values
@@ -33,23 +33,24 @@ from edge.influx import InfluxV1Writer
 from edge.ingest import Ingest
 from edge.services import Influxd, Mosquitto
 from sim.campus import Campus, load_scenario
-from sim.field import FieldDeviceSpec, FieldSim
+from sim.field import FieldDeviceSpec
 from sim.truth import GroundTruth
 
 pytestmark = pytest.mark.integration
 
-WINDOW_S = 2.0
+WINDOW_S = 4.0
 RUN_S = 8.0
-FIELD_AREA = "street"
 FIELD = (
-    # 150 messages/s per bench: campus p99 in a 2 s window needs 1000 messages; cp-02 (two
-    # connectors, OCPP 2.0.1, more messages per tick) alone gets ~1600 per window for a
-    # per-device p99.
+    # The example scenario's street furniture, reporting far faster than on the street, so
+    # that percentiles have their sample sizes: a per-device p99 needs 1000 messages in one
+    # window. At speed 60, cp-02 (two connectors, OCPP 2.0.1) sends several hundred
+    # messages per second, so even a loaded CI machine fills a 4 s window.
     FieldDeviceSpec(kind="bench", id="bench-01", interval_s=0.4, seed=31, link="sa_uplink_loaded"),
     FieldDeviceSpec(kind="bench", id="bench-02", interval_s=0.4, seed=32, link="sa_nominal"),
-    FieldDeviceSpec(kind="charger", id="cp-01", interval_s=0.4, seed=33, link="cell_edge"),
+    FieldDeviceSpec(kind="bench", id="bench-03", interval_s=0.4, seed=33, link="handover"),
+    FieldDeviceSpec(kind="charger", id="cp-01", interval_s=0.4, seed=41, link="cell_edge"),
     FieldDeviceSpec(
-        kind="charger", id="cp-02", interval_s=0.25, seed=34, ocpp="2.0.1", connectors=2
+        kind="charger", id="cp-02", interval_s=0.25, seed=42, ocpp="2.0.1", connectors=2
     ),
 )
 
@@ -59,7 +60,10 @@ EXPECTED_EMPTY: dict[tuple[str, str, str], str] = {
 """Targets that must come back empty from the simulated run, each with its reason."""
 
 SPARSE_FIELDS: dict[tuple[str, str], str] = {
-    ("tpo-link", "p99.9"): "p99.9 needs 10 000 messages in one window; the run sends ~2500",
+    (
+        "tpo-link",
+        "p99.9",
+    ): "p99.9 needs 10 000 messages in one window; the run sends a few thousand",
     ("tpo-link", "p99.99"): "p99.99 needs 100 000 messages in one window",
 }
 """Fields allowed to be all-null in the short run: (dashboard uid, column) -> reason."""
@@ -76,26 +80,15 @@ def _site(broker: Mosquitto) -> SiteConfig:
     doc = yaml.safe_load(example_site_path().read_text())
     doc["agent"] = {**doc["agent"], "batch_max_age_s": 0.2, "metrics_interval_s": 1.0}
     doc["database"] = {**doc["database"], "flush_interval_s": 0.2}
-    doc["kpi"] = {**doc["kpi"], "windows_s": [WINDOW_S], "allowed_lateness_s": 0.5}
-    doc["sources"].append(
-        {
-            "type": "mqtt",
-            "area": FIELD_AREA,
-            "device": FIELD_AREA,
-            "broker": {"host": broker.host, "port": broker.port},
-            "devices": [{"id": d.id, "kind": d.kind, "connectors": d.connectors} for d in FIELD],
-        }
-    )
+    doc["kpi"] = {**doc["kpi"], "windows_s": [WINDOW_S], "allowed_lateness_s": 1.0}
+    del broker  # the campus patches the broker in
     return SiteConfig.model_validate(doc)
 
 
 async def _run_campus(broker: Mosquitto, influxd: Influxd, workdir: Path) -> None:
-    scenario = load_scenario(example_scenario_path())
+    scenario = load_scenario(example_scenario_path()).model_copy(update={"field": FIELD})
     truth = GroundTruth(workdir / "truth.jsonl")
     campus = Campus(scenario, truth, broker=(broker.host, broker.port))
-    # Started beside the campus, not in its scenario: Campus.start(paused=True) calls
-    # FieldSim.pause(), which sim/field.py does not have yet.
-    field = FieldSim(broker.host, broker.port, list(FIELD), truth, clock=campus.clock)
     writer = InfluxV1Writer(url=influxd.url, database=influxd.database)
     await writer.ensure_database()
     await campus.start(paused=True)
@@ -111,11 +104,7 @@ async def _run_campus(broker: Mosquitto, influxd: Influxd, workdir: Path) -> Non
         await asyncio.wait_for(agent.started.wait(), 10)
         await asyncio.sleep(1.0)  # every source connected and subscribed
         campus.resume()
-        await field.start()
-        try:
-            await asyncio.sleep(RUN_S)
-        finally:
-            await field.stop()
+        await asyncio.sleep(RUN_S)
         campus.pause()
         await asyncio.sleep(1.0)  # link-delayed messages land
         agent.stop()
