@@ -150,8 +150,15 @@ class KpiConfig(Model):
     windows_s: tuple[float, ...] = (10.0,)
     allowed_lateness_s: float = Field(default=2.0, ge=0)
     deadlines_ms: tuple[float, ...] = (10.0, 50.0)
-    survival_time_ms: float = Field(default=0.0, ge=0)
-    transfer_interval_ms: float | None = Field(default=None, gt=0)
+    survival_time_ms: Annotated[float, Field(ge=0)] | Literal["auto"] = 0.0
+    """Survival time ST (3GPP TS 22.104): how long the application goes on without an expected
+    message; ``auto`` = one transfer interval, i.e. one missed message tolerated."""
+    transfer_interval_ms: (
+        Annotated[float, Field(ge=0)] | dict[str, Annotated[float, Field(ge=0)]] | Literal["auto"]
+    ) = "auto"
+    """Transfer interval TI of cyclic devices, against which availability is computed: one
+    value (0: event-driven, no TI), per device name (devices not listed: auto), or ``auto``:
+    estimated per device from its traffic (``pipelines.link.estimate_transfer_interval``)."""
     ideal_cycle_s: float | dict[str, float] | None = None
     """Ideal cycle time for OEE performance: one value, or per device name (machines without
     one use 30 s)."""

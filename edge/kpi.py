@@ -11,6 +11,10 @@ Agent side, :class:`KpiEngine`:
   is value bytes, not wire bytes. The first configured deadline drives ``deadline_reliability``,
   ``availability`` and MTBF; every deadline gets exact ``n_timely_<D>ms`` /
   ``deadline_reliability_<D>ms`` / ``availability_<D>ms`` fields and a counter in the histogram.
+  Availability is computed against each device's transfer interval (``kpi.transfer_interval_ms``:
+  fixed, per device, or ``auto``: estimated from the device's own traffic) and the survival
+  time; both are in the payload (``transfer_interval_ms``, ``survival_time_ms``), and until a
+  device's interval is estimated its ``availability`` is null.
 * **Process KPIs per device**, recognised from the channel names in the series table
   (:data:`DEVICE_MODELS`, a table of frozen dataclasses): OPC 40001 machine tools and PackML
   lines (OEE), chargers (utilisation, energy, sessions, availability) and benches (solar yield,
@@ -54,10 +58,10 @@ import orjson
 from drivers.base import BAD, NO_SEQ, NO_TIMESTAMP, SampleBatch, SeriesTable, now_ns
 from edge import lineprotocol as lp
 from edge import payload as wire
-from edge.errors import DecodeError
+from edge.errors import ConfigError, DecodeError
 from edge.outbox import OutboxItem
 from pipelines.histogram import ExpHistogram
-from pipelines.link import PERCENTILES, LinkConfig, LinkWindow, LinkWindower
+from pipelines.link import AUTO, PERCENTILES, Auto, LinkConfig, LinkWindow, LinkWindower
 from pipelines.process import (
     OPC40001,
     PACKML,
@@ -451,6 +455,27 @@ def _ideal_cycle(site: SiteConfig, device: str) -> float:
     return DEFAULT_IDEAL_CYCLE_S
 
 
+def _transfer_intervals(
+    site: SiteConfig, devices: list[tuple[str, str]]
+) -> tuple[float | Auto, dict[object, float | Auto]]:
+    """The site's transfer interval: the default and the per-device ones (by device index)."""
+    configured = site.kpi.transfer_interval_ms
+    if not isinstance(configured, dict):
+        return configured, {}
+    names = {device for _, device in devices}
+    unknown = sorted(set(configured) - names)
+    if unknown:
+        problems: list[tuple[str, int | None, str]] = [
+            (f"kpi.transfer_interval_ms.{name}", None, "no source reads a device of this name")
+            for name in unknown
+        ]
+        raise ConfigError(f"site {site.site}", problems)
+    per_device: dict[object, float | Auto] = {
+        i: configured[device] for i, (_, device) in enumerate(devices) if device in configured
+    }
+    return AUTO, per_device
+
+
 @dataclass(frozen=True, slots=True)
 class _LinkWindowers:
     """The windowers of one window length: one per deadline (the first is the primary)."""
@@ -480,6 +505,7 @@ class KpiEngine:
             [index[(k.area, k.device)] for k in table], dtype=np.int64
         )
         self._links: list[_LinkWindowers] = []
+        interval, per_device = _transfer_intervals(site, self.devices)
         for window_s in cfg.windows_s:
             deadlines = cfg.deadlines_ms
             configs = [
@@ -488,11 +514,11 @@ class KpiEngine:
                     lateness_s=cfg.allowed_lateness_s,
                     deadline_ms=d,
                     survival_time_ms=cfg.survival_time_ms,
-                    transfer_interval_ms=cfg.transfer_interval_ms or 0.0,
+                    transfer_interval_ms=interval,
                 )
                 for d in (deadlines or (None,))
             ]
-            windowers = tuple(LinkWindower(c) for c in configs)
+            windowers = tuple(LinkWindower(c, per_device) for c in configs)
             self._links.append(_LinkWindowers(window_s, deadlines, windowers))
         process_devices: list[_ProcessDevice] = []
         self._is_process = np.zeros(len(table), dtype=np.bool_)
@@ -570,11 +596,14 @@ class KpiEngine:
             out += self._process_messages(proc.advance(now))
         return out
 
-    def flush(self) -> list[tuple[str, bytes]]:
-        """(topic, payload) of every window still holding data (at shutdown)."""
+    def flush(self, now: int | None = None) -> list[tuple[str, bytes]]:
+        """(topic, payload) of every window still holding data (at shutdown).
+
+        ``now``: when the input stopped; link availability is not counted past it.
+        """
         out: list[tuple[str, bytes]] = []
         for link in self._links:
-            out += self._link_messages(link, [w.flush() for w in link.windowers])
+            out += self._link_messages(link, [w.flush(now) for w in link.windowers])
         for proc in self._process:
             out += self._process_messages(proc.flush())
         return out
@@ -672,7 +701,7 @@ class KpiEngine:
 
     async def drain(self, outbox: MemoryOutbox) -> None:
         """Flush every open window into the outbox (shutdown, before the outbox drains)."""
-        self._unsent.extend(self.flush())
+        self._unsent.extend(self.flush(now_ns()))
         await self._put_unsent(outbox)
 
     async def _put_unsent(self, outbox: MemoryOutbox) -> None:

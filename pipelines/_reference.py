@@ -10,7 +10,16 @@ from __future__ import annotations
 
 import math
 from fractions import Fraction
+from itertools import pairwise
 from typing import TYPE_CHECKING
+
+from pipelines.link import (
+    AUTO_TI_BURST_DIVISOR,
+    AUTO_TI_HISTORY_WINDOWS,
+    AUTO_TI_MAX_RECEPTIONS,
+    AUTO_TI_MIN_CYCLES,
+    NO_TIME,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Iterable, Sequence
@@ -213,6 +222,81 @@ def availability_in_window(
         for e in expire_at:
             expire = max(expire, e)
     return up, down, failures, expire
+
+
+def estimate_transfer_interval(receptions: Iterable[int]) -> int | None:
+    """Walk the distinct receive times: time-weighted quartile, cycle starts, lower median."""
+    received = sorted(set(receptions))
+    updates = [later - earlier for earlier, later in pairwise(received)]
+    if len(updates) < AUTO_TI_MIN_CYCLES:
+        return None
+    total = sum(updates)
+    covered = 0
+    typical = 0
+    for update in sorted(updates):
+        covered += update
+        if covered * 4 >= total:  # a quarter of the time lies in intervals up to this one
+            typical = update
+            break
+    starts = [received[0]]
+    for earlier, later in pairwise(received):
+        if later - earlier > typical // AUTO_TI_BURST_DIVISOR:
+            starts.append(later)
+    cycles = [later - earlier for earlier, later in pairwise(starts)]
+    if len(cycles) < AUTO_TI_MIN_CYCLES:
+        return None
+    return sorted(cycles)[math.ceil(len(cycles) / 2) - 1]  # lower median
+
+
+def series_availability(
+    arrivals: Sequence[tuple[int, int]],
+    windows: Sequence[tuple[int, int]],
+    deadline: int,
+    transfer_interval: int | None,
+    survival: int | None,
+) -> list[tuple[int | None, tuple[int, int, int] | None]]:
+    """Return (TI, (up, down, failures) or None) per window of one series, message by message.
+
+    ``arrivals`` are (send time or NO_TIME, receive time) in receive order; ``windows`` follow
+    each other. ``transfer_interval`` None: estimated (auto); ``survival`` None: one TI.
+    """
+    out: list[tuple[int | None, tuple[int, int, int] | None]] = []
+    history: list[int] = []
+    estimate: int | None = None
+    expire: int | None = None
+    observed = 0
+    for start, end in windows:
+        inside = [(s, r) for s, r in arrivals if start <= r < end]
+        interval = transfer_interval
+        if interval is None:
+            horizon = start - (AUTO_TI_HISTORY_WINDOWS - 1) * (end - start)
+            kept = {r for r in history if r >= horizon} | {r for _, r in inside}
+            history = sorted(kept)[-AUTO_TI_MAX_RECEPTIONS:]
+            fresh = estimate_transfer_interval(history) if inside else None
+            if fresh is not None:  # otherwise the last estimate holds
+                estimate = fresh
+            interval = estimate
+        tolerated = interval if survival is None else survival
+        if interval is None or tolerated is None:
+            out.append((interval, None))
+            continue
+        good_recv: list[int] = []
+        good_expire: list[int] = []
+        for send, recv in inside:
+            reference = recv if send == NO_TIME else send
+            if expire is None:
+                expire, observed = reference + deadline + tolerated, reference
+            if send == NO_TIME or recv - send <= deadline:
+                good_recv.append(recv)
+                good_expire.append(reference + interval + deadline + tolerated)
+        if expire is None:
+            out.append((interval, None))
+            continue
+        up, down, failures, expire = availability_in_window(
+            good_recv, good_expire, (start, end), expire, observed
+        )
+        out.append((interval, (up, down, failures)))
+    return out
 
 
 def group_windows(

@@ -11,18 +11,25 @@ Inputs are columnar int64 arrays, one row per received message, in any order:
 
 Arrival order is receive time (ties keep input order). Times are integer nanoseconds until a KPI
 is reported, so differences are exact; KPIs are reported in ms, s, bit/s and ratios.
+
+Availability needs each series' transfer interval TI: fixed in :class:`LinkConfig` (or per series
+in :class:`LinkWindower`), or ``"auto"``: estimated from the traffic itself by
+:func:`estimate_transfer_interval` over a sliding history carried in :class:`SeriesState`.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, Literal, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from pipelines.histogram import ExpHistogram
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
 
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
@@ -34,6 +41,18 @@ NO_SEQ: Final = -1
 """Sequence number sentinel: the message carries none."""
 NS_PER_MS: Final = 1_000_000
 NS_PER_S: Final = 1_000_000_000
+
+AUTO: Final = "auto"
+"""Transfer interval estimated from the traffic; as survival time: one transfer interval."""
+Auto = Literal["auto"]
+AUTO_TI_MIN_CYCLES: Final = 5
+"""Cycles an estimate needs: the median of 5 still ignores 2 gaps among them."""
+AUTO_TI_HISTORY_WINDOWS: Final = 3
+"""The estimate looks at the receptions of the current window and the two before it..."""
+AUTO_TI_MAX_RECEPTIONS: Final = 4096
+"""...at most this many (the newest), so that a fast series carries a bounded history."""
+AUTO_TI_BURST_DIVISOR: Final = 8
+"""Receptions closer than 1/8 of the typical interval belong to one burst (one cycle)."""
 
 JITTER_GAIN: Final = 1.0 / 16.0
 """RFC 3550 section 6.4.1: J <- J + (|D| - J) / 16."""
@@ -258,6 +277,53 @@ def availability_in_window(
     return Availability(window_end - start - down_ns, down_ns, int(failures), int(expire_all[-1]))
 
 
+def _distinct_sorted(values: IntArray) -> IntArray:
+    """Sorted distinct values; sorts only when needed (receive times mostly come sorted)."""
+    if values.size > 1 and bool((values[1:] < values[:-1]).any()):
+        values = np.sort(values)
+    keep = np.ones(values.size, dtype=np.bool_)
+    keep[1:] = values[1:] != values[:-1]
+    return values[keep]
+
+
+def estimate_transfer_interval(receptions_ns: npt.ArrayLike) -> int | None:
+    """Estimate the transfer interval TI (ns) of a series from its receive times, or None.
+
+    TI is the median update interval R_i - R_(i-1), taken over cycles rather than single
+    receptions: a cyclic device often delivers one cycle as a burst (an OPC UA notification
+    whose items are stamped one by one, a charger sending one MeterValues per connector), and
+    the update intervals inside a burst are not the cycle. So, on the distinct receive times:
+
+    1. the typical interval is the time-weighted lower quartile of the update intervals (the
+       interval length at which a quarter of the time is covered): bursts add many intervals
+       but almost no time, so they cannot drag it down, and gaps must cover three quarters of
+       the history before they can drag it up;
+    2. a reception starts a new cycle when more than 1/8 of that typical interval
+       (:data:`AUTO_TI_BURST_DIVISOR`) passed since the previous one;
+    3. TI is the lower median of the intervals between cycle starts, given at least
+       :data:`AUTO_TI_MIN_CYCLES` of them.
+
+    Why the median: the gaps availability is meant to detect (losses, stalls, outages) are a
+    few long intervals among many regular ones; the median ignores them as long as they are
+    fewer than half the cycles, where a mean would stretch TI and hide the very gaps it is
+    used to find. A history dominated by gaps yields None (no estimate) rather than a
+    stretched one.
+    """
+    received = _distinct_sorted(np.asarray(receptions_ns, dtype=np.int64))
+    updates = np.diff(received)
+    if updates.size < AUTO_TI_MIN_CYCLES:
+        return None
+    ordered = np.sort(updates)
+    covered = np.cumsum(ordered)
+    quartile = int(np.searchsorted(4 * covered, covered[-1], side="left"))  # 4 * cum >= total
+    burst_gap = int(ordered[quartile]) // AUTO_TI_BURST_DIVISOR
+    starts = received[np.concatenate(([True], updates > burst_gap))]
+    cycles = np.sort(np.diff(starts))
+    if cycles.size < AUTO_TI_MIN_CYCLES:
+        return None
+    return int(cycles[(cycles.size + 1) // 2 - 1])
+
+
 # -- one window of one series --------------------------------------------------------------
 
 
@@ -273,10 +339,12 @@ class LinkConfig:
     """Sequence number wrap (e.g. 65536, Sparkplug 256); None: numbers never wrap."""
     deadline_ms: float | None = None
     """Latency deadline D for reliability and availability; None: not evaluated."""
-    survival_time_ms: float = 0.0
-    """Time the application tolerates without an expected message (3GPP survival time)."""
-    transfer_interval_ms: float = 0.0
-    """Cyclic transfer interval TI; 0 for event-driven traffic."""
+    survival_time_ms: float | Auto = 0.0
+    """Time the application tolerates without an expected message (3GPP survival time);
+    ``"auto"``: one transfer interval, i.e. one missed message tolerated (k = floor(ST/TI) = 1)."""
+    transfer_interval_ms: float | Auto = 0.0
+    """Cyclic transfer interval TI; 0 for event-driven traffic; ``"auto"``: estimated per
+    series from its traffic (:func:`estimate_transfer_interval`)."""
     histogram_scale: int = 5
     """Scale of the latency histogram attached to every window."""
 
@@ -284,8 +352,10 @@ class LinkConfig:
         """Validate the parameters."""
         if self.window_s <= 0 or self.lateness_s < 0:
             raise ValueError(f"window_s {self.window_s} must be > 0, lateness_s >= 0")
-        if self.survival_time_ms < 0 or self.transfer_interval_ms < 0:
-            raise ValueError("survival_time_ms and transfer_interval_ms must be >= 0")
+        for name in ("survival_time_ms", "transfer_interval_ms"):
+            value = getattr(self, name)
+            if value != AUTO and not (isinstance(value, int | float) and value >= 0):
+                raise ValueError(f"{name} {value!r} must be a number >= 0 or {AUTO!r}")
 
     @property
     def window_ns(self) -> int:
@@ -311,6 +381,12 @@ class SeriesState:
     expire_ns: int | None = None
     """When the service goes DOWN unless a good message arrives; None before the first one."""
     observed_from_ns: int | None = None
+    transfer_interval_ns: int | None = None
+    """Last transfer interval estimate (``"auto"``); None until there is one."""
+    recent_recv_ns: IntArray = field(
+        default_factory=lambda: np.zeros(0, dtype=np.int64), compare=False, repr=False
+    )
+    """Distinct receive times the estimate looks at (``"auto"``), oldest first."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,6 +423,10 @@ class LinkWindow:
     n_sent: int
     n_timely: int
     deadline_reliability: float | None
+    transfer_interval_ms: float | None
+    """Transfer interval availability was computed against (estimated for ``"auto"``)."""
+    survival_time_ms: float | None
+    """Survival time availability was computed against (one TI for ``"auto"``)."""
     availability: float | None
     up_s: float
     down_s: float
@@ -419,20 +499,44 @@ def _delay_kpis(
     return delays, state
 
 
+def _transfer_interval(
+    t_recv: IntArray, window: tuple[int, int], config: LinkConfig, state: SeriesState
+) -> tuple[int | None, SeriesState]:
+    """The TI (ns) of this window: configured, or estimated (``"auto"``); None: not known yet."""
+    if config.transfer_interval_ms != AUTO:
+        return round(config.transfer_interval_ms * NS_PER_MS), state
+    horizon = window[0] - (AUTO_TI_HISTORY_WINDOWS - 1) * (window[1] - window[0])
+    history = state.recent_recv_ns
+    history = _distinct_sorted(np.concatenate((history[history >= horizon], t_recv)))
+    history = history[-AUTO_TI_MAX_RECEPTIONS:]
+    estimate = state.transfer_interval_ns
+    if t_recv.size:  # a silent window learns nothing: it keeps the last estimate
+        estimate = estimate_transfer_interval(history)
+        # A history without an estimate (too short, or mostly gaps) keeps the last one too.
+        estimate = state.transfer_interval_ns if estimate is None else estimate
+    return estimate, replace(state, recent_recv_ns=history, transfer_interval_ns=estimate)
+
+
+def _survival_ns(config: LinkConfig, interval_ns: int | None) -> int | None:
+    if config.survival_time_ms == AUTO:
+        return interval_ns
+    return round(config.survival_time_ms * NS_PER_MS)
+
+
 def _availability(
     t_send: IntArray,
     t_recv: IntArray,
     timely: BoolArray,
     window: tuple[int, int],
     *,
+    interval_ns: int | None,
     config: LinkConfig,
     state: SeriesState,
 ) -> tuple[Availability | None, SeriesState]:
-    if config.deadline_ms is None:
-        return None, state
+    survival_ns = _survival_ns(config, interval_ns)
+    if config.deadline_ms is None or interval_ns is None or survival_ns is None:
+        return None, state  # without a TI (not estimated yet) availability has no basis
     deadline_ns = round(config.deadline_ms * NS_PER_MS)
-    survival_ns = round(config.survival_time_ms * NS_PER_MS)
-    interval_ns = round(config.transfer_interval_ms * NS_PER_MS)
     # The reference time of a message is its send time; without one, its receive time.
     reference = np.where(t_send != NO_TIME, t_send, t_recv)
     if state.expire_ns is None:
@@ -455,11 +559,14 @@ def link_window(
     window: tuple[int, int],
     config: LinkConfig,
     state: SeriesState,
+    *,
+    observed_until_ns: int | None = None,
 ) -> tuple[LinkWindow, SeriesState]:
     """Compute the KPIs of one series over ``window`` = [start_ns, end_ns) and the next state.
 
     ``rows`` = (seq, t_send_ns, t_recv_ns, size) of the received messages of the window, sorted
-    by receive time.
+    by receive time. ``observed_until_ns`` ends the availability accounting early (the input
+    stopped there, e.g. at shutdown): time nobody observed is neither UP nor DOWN.
     """
     seq, t_send, t_recv, size = rows
     window_s = (window[1] - window[0]) / NS_PER_S
@@ -486,7 +593,15 @@ def link_window(
         updates = np.sort(np.diff(t_recv)).astype(np.float64)
     else:
         updates = np.sort(np.diff(t_recv, prepend=state.last_recv_ns)).astype(np.float64)
-    avail, state = _availability(t_send, t_recv, delays.timely, window, config=config, state=state)
+    interval_ns, state = _transfer_interval(t_recv, window, config, state)
+    observed = window
+    if observed_until_ns is not None:
+        until = max(observed_until_ns, int(t_recv[-1]) + 1) if n else observed_until_ns
+        observed = (window[0], max(window[0], min(window[1], until)))
+    avail, state = _availability(
+        t_send, t_recv, delays.timely, observed, interval_ns=interval_ns, config=config, state=state
+    )
+    survival_ns = _survival_ns(config, interval_ns)
     state = replace(
         state,
         last_seq=int(numbers[-1]) if numbers.size else state.last_seq,
@@ -525,6 +640,8 @@ def link_window(
         n_sent=n_sent,
         n_timely=n_timely,
         deadline_reliability=(_ratio(n_timely, n_sent) if config.deadline_ms is not None else None),
+        transfer_interval_ms=_none_or_ms(interval_ns),
+        survival_time_ms=_none_or_ms(survival_ns),
         availability=_ratio(avail.up_ns, avail.up_ns + avail.down_ns) if avail else None,
         up_s=up_s,
         down_s=avail.down_ns / NS_PER_S if avail else 0.0,
@@ -570,6 +687,7 @@ class ClosedWindow(NamedTuple):
 class _Series:
     """Per-series buffers: rows waiting for their window to close, and the carried state."""
 
+    config: LinkConfig
     pending: list[tuple[IntArray, IntArray, IntArray, IntArray, IntArray]] = field(
         default_factory=list
     )  # (window index, seq, t_send, t_recv, size) chunks
@@ -587,11 +705,22 @@ class LinkWindower:
     silent link shows up as DOWN, not as missing data. Rows for an already closed window are
     counted in ``late_samples`` (per series in ``late_by_series``); rows never received are
     counted in ``unreceived`` (loss is derived from sequence numbers).
+
+    ``transfer_intervals_ms`` gives series their own transfer interval (ms, or ``"auto"``);
+    the others take ``config.transfer_interval_ms``.
     """
 
-    def __init__(self, config: LinkConfig) -> None:
+    def __init__(
+        self,
+        config: LinkConfig,
+        transfer_intervals_ms: Mapping[object, float | Auto] | None = None,
+    ) -> None:
         """Create a windower; nothing is closed until the first ``advance``."""
         self.config = config
+        self._configs = {
+            key: replace(config, transfer_interval_ms=ti)
+            for key, ti in (transfer_intervals_ms or {}).items()
+        }
         self._window_ns = config.window_ns
         self._lateness_ns = round(config.lateness_s * NS_PER_S)
         self._series: dict[object, _Series] = {}
@@ -630,7 +759,9 @@ class LinkWindower:
         bounds = np.searchsorted(codes[order], np.arange(keys.size + 1))
         for k, key in enumerate(keys.tolist()):  # one iteration per series, not per row
             rows = order[bounds[k] : bounds[k + 1]]
-            series = self._series.setdefault(key, _Series())
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = _Series(self._configs.get(key, self.config))
             win = window[rows]
             if self._closed_upto is not None:
                 on_time = win >= self._closed_upto
@@ -646,23 +777,29 @@ class LinkWindower:
         boundary = (now_ns - self._lateness_ns) // self._window_ns
         return self._close(boundary)
 
-    def flush(self) -> list[ClosedWindow]:
-        """Close every window that holds buffered rows (end of input)."""
+    def flush(self, until_ns: int | None = None) -> list[ClosedWindow]:
+        """Close every window that holds buffered rows (end of input).
+
+        ``until_ns``: when the input ended (shutdown); the last window's availability counts
+        only the time up to it, not the rest of the window that nobody observed.
+        """
         last = [int(chunk[0].max()) for s in self._series.values() for chunk in s.pending]
         if not last:
             return []
-        return self._close(max(last) + 1)
+        return self._close(max(last) + 1, until_ns)
 
-    def _close(self, boundary: int) -> list[ClosedWindow]:
+    def _close(self, boundary: int, until_ns: int | None = None) -> list[ClosedWindow]:
         if self._closed_upto is not None:
             boundary = max(boundary, self._closed_upto)
         self._closed_upto = boundary
         closed: list[ClosedWindow] = []
         for key, series in self._series.items():
-            closed.extend(self._close_series(key, series, boundary))
+            closed.extend(self._close_series(key, series, boundary, until_ns))
         return closed
 
-    def _close_series(self, key: object, series: _Series, boundary: int) -> list[ClosedWindow]:
+    def _close_series(
+        self, key: object, series: _Series, boundary: int, until_ns: int | None
+    ) -> list[ClosedWindow]:
         if series.pending:
             win, seq, t_send, t_recv, size = (
                 np.concatenate(parts) for parts in zip(*series.pending, strict=True)
@@ -695,7 +832,9 @@ class LinkWindower:
         for w, lo, hi in zip(indices.tolist(), starts.tolist(), ends.tolist(), strict=True):
             span = (w * self._window_ns, (w + 1) * self._window_ns)
             rows = (seq[lo:hi], t_send[lo:hi], t_recv[lo:hi], size[lo:hi])
-            kpis, series.state = link_window(rows, span, self.config, series.state)
+            kpis, series.state = link_window(
+                rows, span, series.config, series.state, observed_until_ns=until_ns
+            )
             out.append(ClosedWindow(key, span[0], self.config.window_s, kpis))
         series.next_window = max(boundary, first)
         return out

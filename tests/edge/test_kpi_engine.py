@@ -10,7 +10,7 @@ import pytest
 
 from drivers.base import BAD, NO_SEQ, SampleBatch, SeriesKey, SeriesTable
 from edge.config import SiteConfig
-from edge.errors import DecodeError
+from edge.errors import ConfigError, DecodeError
 from edge.kpi import (
     AREA_DEVICE,
     CAMPUS,
@@ -43,7 +43,13 @@ PACKML_CH = (
     "Admin.ProdDefectiveCount.AccCount",
 )
 BENCH = ("pv_w", "pv_wh_total", "batt_soc_pct", "protect_mode", "sessions_today", "occupancy")
-CHARGER = ("status", "energy_wh", "transaction_active", "status_c2", "energy_wh_c2")
+CHARGER: tuple[str, ...] = (
+    "status",
+    "energy_wh",
+    "transaction_active",
+    "status_c2",
+    "energy_wh_c2",
+)
 CHARGER += ("transaction_active_c2",)
 
 
@@ -210,6 +216,68 @@ def test_sources_without_seq_group_rows_by_source_and_receive_time() -> None:
     assert not decoded(out, "meter-1")
 
 
+def cyclic(
+    device: str, period_ms: int, seconds: float, skip: tuple[float, float] = (0, 0)
+) -> SampleBatch:
+    """Messages every ``period_ms`` for ``seconds`` from T0, 5 ms latency, none sent in skip."""
+    t_ms = np.arange(0, round(seconds * 1000), period_ms)
+    sent = ~((t_ms >= skip[0] * 1000) & (t_ms < skip[1] * 1000))
+    seq = np.flatnonzero(sent)
+    send = T0 + t_ms[sent] * MS
+    return messages(device, seq, send, send + 5 * MS)
+
+
+def test_availability_is_computed_against_each_devices_transfer_interval() -> None:
+    kpi = {"deadlines_ms": [50.0], "survival_time_ms": "auto"}
+    engine = KpiEngine(site(transfer_interval_ms={"bench-2": 500.0}, **kpi), TABLE)
+    engine.add(cyclic("bench-1", 1000, 20.0, skip=(12.0, 16.0)))  # auto: estimated 1 s
+    engine.add(cyclic("bench-2", 500, 20.0))  # fixed 500 ms
+    engine.add(cyclic("cp-1", 1000, 3.0))  # too few cycles for an estimate
+    out = engine.flush()
+    bench1 = [d["kpis"] for d in decoded(out, "bench-1")]
+    assert [k["transfer_interval_ms"] for k in bench1] == [1000.0, 1000.0]
+    assert [k["survival_time_ms"] for k in bench1] == [1000.0, 1000.0]
+    assert bench1[0]["availability"] == 1.0
+    # The last message before the gap (sent 11 s) covers until 11 + 1 + 0.05 + 1 = 13.05 s;
+    # the next one arrives at 16.005 s: DOWN for 2.955 s of the window, one failure.
+    assert bench1[1]["down_s"] == pytest.approx(2.955)
+    assert bench1[1]["availability"] == pytest.approx(1 - 0.2955)
+    assert bench1[1]["availability_50ms"] == bench1[1]["availability"]
+    assert bench1[1]["failures"] == 1
+    bench2 = [d["kpis"] for d in decoded(out, "bench-2")]
+    assert [(k["transfer_interval_ms"], k["availability"]) for k in bench2] == [(500.0, 1.0)] * 2
+    cp1 = [d["kpis"] for d in decoded(out, "cp-1")]  # the second window is silent
+    assert [(k["transfer_interval_ms"], k["availability"]) for k in cp1] == [(None, None)] * 2
+    assert cp1[0]["deadline_reliability"] == 1.0
+
+
+def test_without_a_transfer_interval_a_cyclic_device_looks_down() -> None:
+    # What the site got before the TI was known: DOWN 50 ms after every message of a 1 s cycle.
+    engine = KpiEngine(site(deadlines_ms=[50.0], transfer_interval_ms=0.0), TABLE)
+    engine.add(cyclic("bench-1", 1000, 10.0))
+    (doc,) = decoded(engine.flush(), "bench-1")
+    assert doc["kpis"]["transfer_interval_ms"] == 0.0
+    # UP from the first send time until 50 ms after it, then 45 ms after each later arrival.
+    assert doc["kpis"]["availability"] == pytest.approx((0.050 + 9 * 0.045) / 10.0)
+
+
+def test_flush_at_shutdown_does_not_count_the_unobserved_rest_of_the_window() -> None:
+    kpi = {"deadlines_ms": [50.0], "survival_time_ms": "auto"}
+    last = []
+    for now in (None, T0 + 15_500 * MS):  # messages 0..14 s; the agent stops at 15.5 s
+        engine = KpiEngine(site(**kpi), TABLE)
+        engine.add(cyclic("bench-1", 1000, 15.0))
+        last.append(decoded(engine.flush(now), "bench-1")[-1]["kpis"])
+    # Without a stop time the window runs on to 20 s: DOWN from 14 + 2.05 s.
+    assert last[0]["down_s"] == pytest.approx(3.95)
+    assert (last[1]["up_s"], last[1]["down_s"], last[1]["availability"]) == (5.5, 0.0, 1.0)
+
+
+def test_transfer_interval_of_an_unknown_device_is_a_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"kpi\.transfer_interval_ms\.bench-9"):
+        KpiEngine(site(transfer_interval_ms={"bench-1": 1000.0, "bench-9": 5.0}), TABLE)
+
+
 # -- process ---------------------------------------------------------------------------------
 
 
@@ -365,6 +433,7 @@ def test_ingest_writes_one_point_per_message_with_window_start_timestamp() -> No
     values = dict(f.split("=") for f in fields.split(","))
     assert values["n_received"] == "30"
     assert values["latency_p50_ms"] == "4"
+    assert values["transfer_interval_ms"] == "10"  # estimated: one message every 10 ms
     assert "latency_p90_ms" not in values  # absent (30 < 100): no field, not a number
     with pytest.raises(DecodeError, match="topic does not match"):
         ingest.encode("tpo/v1/tpo/street/other/kpi", payload)
