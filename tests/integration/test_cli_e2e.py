@@ -155,3 +155,9 @@ async def test_read_once_prints_every_channel_of_every_source(
         r for r in rows if r["device"] == "mill-1" and r["channel"].endswith("MachineryItemState")
     )
     assert state["code"] in {"NotAvailable", "OutOfService", "NotExecuting", "Executing"}
+    # Field devices push: every bench and charger of the scenario reported within the timeout.
+    field_devices = {k.device for k in site.series_table() if k.kind == "mqtt"}
+    assert field_devices <= {r["device"] for r in rows}
+    bench = next(r for r in rows if r["device"] == "bench-01" and r["channel"] == "batt_soc_pct")
+    assert bench["ts_source"] is not None
+    assert bench["seq"] is not None
