@@ -1,14 +1,17 @@
 """MQTT field-device driver: smart benches and EV chargers publishing JSON (paho-mqtt 2.x).
 
-Threads and queues: paho's network thread runs ``on_message``, which only
-appends (topic, payload, receive time) to a bounded inbox (``queue_size``
-messages; when full the message is dropped and counted as ``mqtt_queue_full``)
-and wakes the event loop with ``call_soon_threadsafe`` once per burst, not once
-per message: a loop wake-up costs more than parsing a message, and at
-tens of thousands of messages per second per-message wake-ups halved the rate.
-Everything else (validation, sequence tracking, pseudonymisation, building
-SampleBatch rows) happens in :meth:`stream`, which drains up to ``max_batch``
-messages into one batch.
+No network thread: paho runs on the event loop, which calls ``loop_read`` when
+the socket is readable, ``loop_write`` when paho has output queued and
+``loop_misc`` once a second (keepalive); only the blocking TCP/TLS connect runs
+in a worker thread. A network thread of its own would share the GIL with the
+parser and the two would hand it over at every socket call, which cost more
+CPU than the parsing (bench/RESULTS.md). ``on_message`` only appends (topic,
+payload, receive time) to a bounded inbox (``queue_size`` messages; when full
+the message is dropped and counted as ``mqtt_queue_full``); validation,
+sequence tracking, pseudonymisation and building SampleBatch rows happen in
+:meth:`stream`, which drains up to ``max_batch`` messages into one batch.
+Reconnects use capped exponential backoff with jitter (1 s to 30 s) and
+resubscribe.
 """
 
 from __future__ import annotations
@@ -20,10 +23,12 @@ import hmac
 import json
 import logging
 import os
+import random
 import re
+import threading
 from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, NoReturn, TypeVar
 
 import numpy as np
 import orjson
@@ -58,6 +63,8 @@ from drivers.mqtt.schemas import (
     TransactionStopV16,
     TransactionV201,
     fast_bench,
+    fast_meter,
+    fast_status,
     parse_transaction,
 )
 from edge.errors import ConfigError, ConnectError
@@ -67,6 +74,8 @@ if TYPE_CHECKING:
 
     from paho.mqtt.properties import Properties
     from paho.mqtt.reasoncodes import ReasonCode
+
+    from drivers.mqtt.schemas import MeterFields
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +91,19 @@ _STATUS_CODE = {name: float(i) for i, name in enumerate(CHARGER_STATUS_CODES)}
 _STATE_CODE = {name: float(i) for i, name in enumerate(CHARGING_STATE_CODES)}
 _CHARGER_LEAVES = frozenset({"status", "meter", "transaction"})
 _RECENT_SEQ = 1024
+_MAX_ROUTES = 4096
+_READ_BURST = 1024
+"""PUBLISH packets read per readable event before other tasks get a turn."""
+_MISC_INTERVAL_S = 1.0
+_RECONNECT_MIN_S, _RECONNECT_MAX_S = 1.0, 30.0
+
+
+def _backoff(attempt: int) -> float:
+    """Capped exponential backoff with jitter above a non-zero minimum."""
+    high = min(_RECONNECT_MAX_S, _RECONNECT_MIN_S * 2.0**attempt)
+    return random.uniform(_RECONNECT_MIN_S, max(high, _RECONNECT_MIN_S))
+
+
 _M = TypeVar("_M", bound=BaseModel)
 
 
@@ -181,45 +203,59 @@ class Invalid(Exception):  # noqa: N818 - a control-flow signal inside the parse
 
 
 class _Rows:
-    """Column lists of the batch being built."""
+    """Columns of the batch being built: per sample (series, value), per group the rest.
 
-    __slots__ = ("seq", "series", "ts_receive", "ts_source", "value")
+    A group is a run of samples sharing source time, receive time and seq (one bench
+    message, one MeterValue); its columns are repeated out with numpy at the end
+    instead of being appended once per sample.
+    """
+
+    __slots__ = ("g_n", "g_rcv", "g_seq", "g_ts", "series", "value")
 
     def __init__(self) -> None:
         self.series: list[int] = []
         self.value: list[float] = []
-        self.ts_source: list[int] = []
-        self.ts_receive: list[int] = []
-        self.seq: list[int] = []
+        self.g_ts: list[int] = []
+        self.g_rcv: list[int] = []
+        self.g_seq: list[int] = []
+        self.g_n: list[int] = []
 
     def add(self, series: int, value: float, ts: int, t_rcv: int, seq: int) -> None:
+        """One sample as a group of its own."""
         self.series.append(series)
         self.value.append(value)
-        self.ts_source.append(ts)
-        self.ts_receive.append(t_rcv)
-        self.seq.append(seq)
+        self.g_ts.append(ts)
+        self.g_rcv.append(t_rcv)
+        self.g_seq.append(seq)
+        self.g_n.append(1)
 
-    def extend(self, series: list[int], values: list[Any], ts: int, t_rcv: int, seq: int) -> None:
-        n = len(series)
-        self.series.extend(series)
-        self.value.extend(values)
-        self.ts_source.extend([ts] * n)
-        self.ts_receive.extend([t_rcv] * n)
-        self.seq.extend([seq] * n)
+    def group(self, n: int, ts: int, t_rcv: int, seq: int) -> None:
+        """Close a group of the last ``n`` samples appended to ``series`` and ``value``."""
+        self.g_ts.append(ts)
+        self.g_rcv.append(t_rcv)
+        self.g_seq.append(seq)
+        self.g_n.append(n)
 
-    def truncate(self, n: int) -> None:
-        """Drop rows from n on (a message that failed half-way adds none)."""
-        for col in (self.series, self.value, self.ts_source, self.ts_receive, self.seq):
-            del col[n:]
+    def mark(self) -> tuple[int, int]:
+        """Where the next message starts, for :meth:`truncate`."""
+        return len(self.series), len(self.g_n)
+
+    def truncate(self, mark: tuple[int, int]) -> None:
+        """Drop everything from a mark on (a message that failed half-way adds nothing)."""
+        n, g = mark
+        del self.series[n:], self.value[n:]
+        del self.g_ts[g:], self.g_rcv[g:], self.g_seq[g:], self.g_n[g:]
 
     def batch(self) -> SampleBatch:
+        n = len(self.series)
+        counts = np.array(self.g_n, np.intp)
         return SampleBatch(
             series=np.array(self.series, np.int32),
-            ts_source=np.array(self.ts_source, np.int64),
-            ts_receive=np.array(self.ts_receive, np.int64),
+            ts_source=np.repeat(np.array(self.g_ts, np.int64), counts),
+            ts_receive=np.repeat(np.array(self.g_rcv, np.int64), counts),
             value=np.array(self.value, np.float64),
-            quality=np.zeros(len(self.series), np.uint8),
-            seq=np.array(self.seq, np.int64),
+            quality=np.zeros(n, np.uint8),
+            seq=np.repeat(np.array(self.g_seq, np.int64), counts),
         )
 
 
@@ -233,6 +269,34 @@ class _Msg:
         self.t_rcv = t_rcv
         self.seq = seq
         self.rows = rows
+
+
+class _Device:
+    """What the hot path needs of one configured device, found with one topic lookup."""
+
+    __slots__ = ("bench_names", "bench_series", "id", "kind", "meter_index", "series", "tracker")
+
+    def __init__(self, device_id: str, kind: str) -> None:
+        self.id = device_id
+        self.kind = kind
+        self.tracker: SeqTracker | None = None
+        self.bench_series: list[int] = []
+        self.bench_names: tuple[str, ...] = ()
+        self.series: dict[str, int] = {}
+        """Charger: series index by channel name (connector suffix included)."""
+        self.meter_index: dict[tuple[int, str, str | None], int] = {}
+        """Charger: (connector, measurand, phase) -> series, filled as samples arrive; only
+        mapped measurands with a series get in, so its size is bounded by the series table."""
+
+
+if TYPE_CHECKING:
+    _Handler = Callable[[_Device, bytes, int, _Rows], None]
+    """Turns one message of a known device and message type into rows."""
+
+
+def _oversized(payload: bytes, max_bytes: int) -> NoReturn:
+    msg = f"payload of {len(payload)} bytes exceeds {max_bytes}"
+    raise Invalid("oversized", msg)
 
 
 def _validate(model: type[_M], payload: bytes) -> _M:
@@ -294,24 +358,23 @@ class MqttFieldDriver(DriverBase):
                 f"mqtt:{config.device}", [("type", None, "needs an MqttFieldSource config")]
             )
         super().__init__(config, series, ctx)
-        self._kind = {d.id: d.kind for d in config.devices}
         area = config.area
-        self._bench_plan: dict[str, tuple[list[int], tuple[str, ...]]] = {}
+        self._devices: dict[str, _Device] = {}
         self._charger_series: dict[str, dict[str, int]] = {}
         missing = 0
         for dev in config.devices:
+            state = self._devices[dev.id] = _Device(dev.id, dev.kind)
             if dev.kind == "bench":
-                idxs, names = [], []
+                names = []
                 for ch in BENCH_CHANNELS:
                     idx = series.get(area, dev.id, ch.name)
                     if idx is None:
                         missing += 1
                     else:
-                        idxs.append(idx)
+                        state.bench_series.append(idx)
                         names.append(ch.name)
-                self._bench_plan[dev.id] = (idxs, tuple(names))
+                state.bench_names = tuple(names)
             else:
-                table: dict[str, int] = {}
                 for n in range(1, dev.connectors + 1):
                     for ch in CHARGER_CHANNELS:
                         name = connector_channel(ch.name, n)
@@ -319,8 +382,16 @@ class MqttFieldDriver(DriverBase):
                         if idx is None:
                             missing += 1
                         else:
-                            table[name] = idx
-                self._charger_series[dev.id] = table
+                            state.series[name] = idx
+                self._charger_series[dev.id] = state.series
+        self._handlers: dict[str, _Handler] = {
+            "telemetry": self._bench,
+            "status": self._status,
+            "meter": self._meter,
+            "transaction": self._transaction,
+        }
+        self._routes: dict[str, tuple[_Handler, _Device]] = {}
+        """Topic -> (handler, device) of topics that passed the topic checks once."""
         if missing:
             log.warning("%s: %d channels have no series and will be skipped", self.name, missing)
         self.seq: dict[str, SeqTracker] = {}
@@ -330,15 +401,17 @@ class MqttFieldDriver(DriverBase):
         """The latest transaction seen per device (started or ended)."""
         self._warned: set[tuple[str, str]] = set()
         self._inbox: deque[tuple[str, bytes, int]] = deque()
-        self._inbox_dropped = 0  # written by paho's thread only; folded into ctx.counters
+        self._inbox_dropped = 0
         self._inbox_folded = 0
-        self._wake_pending = False
+        self._received = 0  # PUBLISH packets seen by on_message, kept or dropped
         self._ready: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
         self._client: mqtt.Client | None = None
+        self._sock: Any = None  # the socket the loop watches for paho, while one is open
+        self._keeper: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Event | None = None
         self._connect_failure: str | None = None
-        self._was_connected = False
         self._disconnected = False
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -359,15 +432,44 @@ class MqttFieldDriver(DriverBase):
             if password is None:
                 raise ConnectError(f"{where}: environment variable {broker.password_env} unset")
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._ready = asyncio.Event()
         self._subscribed = asyncio.Event()
+        self._connect_failure = None
+        client = self._make_client(where, password)
+        self._client = client
+        try:
+            async with asyncio.timeout(broker.connect_timeout_s):
+                client.connect_async(broker.host, broker.port, keepalive=broker.keepalive_s)
+                # The TCP (and TLS) connect blocks: a worker thread does it, never the loop.
+                await asyncio.to_thread(client.reconnect)
+                await self._subscribed.wait()
+        except TimeoutError:
+            await self.close()
+            reason = self._connect_failure or "no connection"
+            msg = f"{where}: not subscribed within {broker.connect_timeout_s} s ({reason})"
+            raise ConnectError(msg) from None
+        except OSError as exc:
+            await self.close()
+            raise ConnectError(f"{where}: {exc}") from exc
+        except BaseException:
+            await self.close()  # a failed connect releases everything it took
+            raise
+        if self._connect_failure is not None:
+            await self.close()
+            raise ConnectError(f"{where}: {self._connect_failure}")
+        self._keeper = asyncio.create_task(self._keep(), name=f"edge[{self.name}].keepalive")
+        log.info("%s: subscribed to %s on %s", self.name, ", ".join(cfg.topics), where)
+
+    def _make_client(self, where: str, password: str | None) -> mqtt.Client:
+        """A paho client with our callbacks; it does not connect yet."""
+        broker = self.config.broker
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=broker.client_id or "",
             clean_session=broker.clean_session,
             protocol=mqtt.MQTTv311,
         )
-        self._client = client
         if broker.username is not None:
             client.username_pw_set(broker.username, password)
         if broker.tls is not None:
@@ -380,42 +482,128 @@ class MqttFieldDriver(DriverBase):
                 )
             except (OSError, ValueError) as exc:
                 raise ConnectError(f"{where}: TLS setup failed: {exc}") from exc
-        client.reconnect_delay_set(min_delay=1, max_delay=30)
+        client.connect_timeout = broker.connect_timeout_s
         client.max_inflight_messages_set(1000)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_subscribe = self._on_subscribe
         client.on_message = self._on_message
-        try:
-            client.connect_async(broker.host, broker.port, keepalive=broker.keepalive_s)
-            client.loop_start()
-            async with asyncio.timeout(broker.connect_timeout_s):
-                await self._subscribed.wait()
-        except TimeoutError:
-            reason = self._connect_failure or "no connection"
-            msg = f"{where}: not subscribed within {broker.connect_timeout_s} s ({reason})"
-            raise ConnectError(msg) from None
-        except OSError as exc:
-            raise ConnectError(f"{where}: {exc}") from exc
-        if self._connect_failure is not None:
-            raise ConnectError(f"{where}: {self._connect_failure}")
-        log.info("%s: subscribed to %s on %s", self.name, ", ".join(cfg.topics), where)
+        client.on_socket_open = self._on_socket_open
+        client.on_socket_close = self._on_socket_close
+        client.on_socket_register_write = self._on_socket_register_write
+        client.on_socket_unregister_write = self._on_socket_unregister_write
+        return client
 
     async def close(self) -> None:
-        """Disconnect and stop paho's thread; carries on past failures."""
+        """Disconnect and stop the keepalive task; carries on past failures."""
         client, self._client = self._client, None
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
         if client is None:
             return
+        sock = self._sock
         try:
             client.disconnect()
+            client.loop_write()  # send DISCONNECT now; paho then closes the socket
         except Exception as exc:  # closing must go on
             log.debug("%s: disconnect failed: %s", self.name, exc)
-        try:
-            await asyncio.to_thread(client.loop_stop)
-        except Exception as exc:
-            log.debug("%s: loop_stop failed: %s", self.name, exc)
+        if sock is not None and sock is self._sock:  # paho did not close it
+            self._unwatch(sock)
+            with contextlib.suppress(OSError):
+                sock.close()
 
-    # -- paho thread callbacks: hand over only -----------------------------------------------
+    async def _keep(self) -> None:
+        """Keepalive pings while connected; reconnect with capped, jittered backoff when not."""
+        attempt = 0
+        while True:
+            client = self._client
+            if client is None:
+                return
+            if self._sock is not None:
+                attempt = 0
+                await asyncio.sleep(_MISC_INTERVAL_S)
+                if client is self._client and self._sock is not None:
+                    client.loop_misc()  # PINGREQ when due; a missed PINGRESP drops the link
+                continue
+            await asyncio.sleep(_backoff(attempt))
+            attempt += 1
+            if client is not self._client:
+                return
+            try:
+                async with asyncio.timeout(self.config.broker.connect_timeout_s + 1.0):
+                    await asyncio.to_thread(client.reconnect)
+            except Exception as exc:  # whatever the cause, keep trying
+                log.debug("%s: reconnect attempt %d failed: %s", self.name, attempt, exc)
+
+    # -- paho's socket, watched by the event loop -----------------------------------------
+    #
+    # paho runs on the event loop (no network thread): the loop calls loop_read when the
+    # socket is readable and loop_write when paho has queued output. A network thread
+    # would share the GIL with the parser: the two then hand the GIL over at every
+    # socket call, which cost more CPU than the parsing itself (bench/RESULTS.md).
+
+    def _in_loop(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn now on the loop thread; from a connect worker thread, schedule it there."""
+        if threading.get_ident() == self._loop_thread:
+            fn(*args)
+        else:
+            self._call(fn, *args)
+
+    def _on_socket_open(self, client: mqtt.Client, _userdata: object, sock: Any) -> None:
+        self._in_loop(self._watch, client, sock)
+
+    def _on_socket_close(self, _client: mqtt.Client, _userdata: object, sock: Any) -> None:
+        self._in_loop(self._unwatch, sock)
+
+    def _on_socket_register_write(self, client: mqtt.Client, _u: object, sock: Any) -> None:
+        self._in_loop(self._watch_write, client, sock)
+
+    def _on_socket_unregister_write(self, _client: mqtt.Client, _u: object, sock: Any) -> None:
+        self._in_loop(self._unwatch_write, sock)
+
+    def _watch(self, client: mqtt.Client, sock: Any) -> None:
+        loop = self._loop
+        if loop is None or client is not self._client:
+            with contextlib.suppress(OSError):
+                sock.close()  # a connect that finished after we gave up on it
+            return
+        self._sock = sock
+        loop.add_reader(sock, self._readable)
+
+    def _unwatch(self, sock: Any) -> None:
+        if self._loop is not None:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        if sock is self._sock:
+            self._sock = None
+
+    def _watch_write(self, client: mqtt.Client, sock: Any) -> None:
+        if self._loop is not None and client is self._client:
+            self._loop.add_writer(sock, client.loop_write)
+
+    def _unwatch_write(self, sock: Any) -> None:
+        if self._loop is not None:
+            self._loop.remove_writer(sock)
+
+    def _readable(self) -> None:
+        """Read what the socket has, up to a burst, then wake :meth:`stream` once."""
+        client = self._client
+        if client is None:
+            return
+        for _ in range(_READ_BURST):  # then other tasks get a turn; select() calls us again
+            before = self._received
+            if client.loop_read() != mqtt.MQTT_ERR_SUCCESS or self._received == before:
+                break  # connection lost (paho told on_disconnect), or no whole PUBLISH left
+        sock = self._sock
+        pending = getattr(sock, "pending", None)  # TLS: decrypted bytes select() cannot see
+        if pending is not None and pending() and self._loop is not None:
+            self._loop.call_soon(self._readable)
+        if self._inbox and self._ready is not None:
+            self._ready.set()
+
+    # -- paho callbacks: hand over only ------------------------------------------------------
 
     def _on_connect(
         self,
@@ -460,29 +648,21 @@ class MqttFieldDriver(DriverBase):
         self._call(self._note_disconnect, str(reason))
 
     def _on_message(self, _client: mqtt.Client, _userdata: object, msg: mqtt.MQTTMessage) -> None:
+        self._received += 1
         inbox = self._inbox
         if len(inbox) >= self.config.queue_size:
             self._inbox_dropped += 1
         else:
             inbox.append((msg.topic, bytes(msg.payload), now_ns()))
-        # Append first, then look at the flag; stream() clears the flag before draining,
-        # so a message is either drained by the current pass or triggers a new wake-up.
-        if not self._wake_pending:
-            self._wake_pending = True
-            self._call(self._wake)
 
     def _call(self, fn: Callable[..., None], *args: Any) -> None:
         loop = self._loop
         if loop is None:
             return
-        with contextlib.suppress(RuntimeError):  # the loop closed while paho still ran
+        with contextlib.suppress(RuntimeError):  # the loop closed while a worker still ran
             loop.call_soon_threadsafe(fn, *args)
 
     # -- event-loop side of the hand-over -----------------------------------------------------
-
-    def _wake(self) -> None:
-        if self._ready is not None:
-            self._ready.set()
 
     def _fold_drops(self) -> None:
         dropped = self._inbox_dropped
@@ -521,17 +701,18 @@ class MqttFieldDriver(DriverBase):
         linger = self.config.linger_s
         while True:
             if not inbox:
-                await ready.wait()
                 ready.clear()
+                await ready.wait()
                 if linger > 0 and len(inbox) < limit:
                     # Let a burst gather: one batch of many messages costs far less than
-                    # many batches of one or two (loop wake-ups, numpy arrays per batch).
+                    # many batches of one or two (numpy arrays per batch, consumer wake-ups).
                     await asyncio.sleep(linger)
-            self._wake_pending = False
             self._fold_drops()
-            items: list[tuple[str, bytes, int]] = []
-            while inbox and len(items) < limit:
-                items.append(inbox.popleft())
+            if len(inbox) <= limit:
+                items = list(inbox)
+                inbox.clear()
+            else:
+                items = [inbox.popleft() for _ in range(limit)]
             if not items:
                 continue
             batch = self.parse(items)
@@ -543,10 +724,18 @@ class MqttFieldDriver(DriverBase):
     def parse(self, items: list[tuple[str, bytes, int]]) -> SampleBatch:
         """Turn (topic, payload, receive ns) messages into one batch; bad ones dead-lettered."""
         rows = _Rows()
+        routes = self._routes
+        max_bytes = self.config.max_payload_bytes
         for topic, payload, t_rcv in items:
-            mark = len(rows.series)
+            mark = rows.mark()
             try:
-                self._handle(topic, payload, t_rcv, rows)
+                if len(payload) > max_bytes:
+                    _oversized(payload, max_bytes)
+                route = routes.get(topic)
+                if route is None:
+                    route = self._route(topic)
+                handler, device = route
+                handler(device, payload, t_rcv, rows)
             except Invalid as bad:
                 rows.truncate(mark)
                 self._reject(topic, payload, bad)
@@ -557,29 +746,31 @@ class MqttFieldDriver(DriverBase):
                 self._reject(topic, payload, Invalid("internal", f"{type(exc).__name__}"))
         return rows.batch()
 
-    def _handle(self, topic: str, payload: bytes, t_rcv: int, rows: _Rows) -> None:
-        if len(payload) > self.config.max_payload_bytes:
-            msg = f"payload of {len(payload)} bytes exceeds {self.config.max_payload_bytes}"
-            raise Invalid("oversized", msg)
+    def _route(self, topic: str) -> tuple[_Handler, _Device]:
+        """Check a topic (kind, device, message type) and remember the good ones."""
         parts = topic.split("/")
         if len(parts) < 3:
             raise Invalid("bad_topic", "topic is not <kind>/<device id>/<message>")
-        kind, device, leaf = parts[-3], parts[-2], parts[-1]
-        dev_kind = self._kind.get(device)
-        if dev_kind is None:
-            raise Invalid("unknown_device", f"device id {device!r} is not configured")
-        if kind != dev_kind:
-            msg = f"device {device!r} is a {dev_kind} but published on a {kind!r} topic"
+        kind, device_id, leaf = parts[-3], parts[-2], parts[-1]
+        device = self._devices.get(device_id)
+        if device is None:
+            raise Invalid("unknown_device", f"device id {device_id!r} is not configured")
+        if kind != device.kind:
+            msg = f"device {device_id!r} is a {device.kind} but published on a {kind!r} topic"
             raise Invalid("wrong_topic", msg)
-        if dev_kind == "bench":
-            self._bench(device, leaf, payload, t_rcv, rows)
-        else:
-            self._charger(device, leaf, payload, _Msg(device, t_rcv, -1, rows))
+        if device.kind == "bench":
+            if leaf != "telemetry":
+                raise Invalid("bad_topic", f"bench message type {leaf!r} is not 'telemetry'")
+        elif leaf not in _CHARGER_LEAVES:
+            msg = f"charger message type {leaf!r} is not status, meter or transaction"
+            raise Invalid("bad_topic", msg)
+        route = (self._handlers[leaf], device)
+        if len(self._routes) < _MAX_ROUTES:  # prefixes before <kind> are free-form: bound it
+            self._routes[topic] = route
+        return route
 
-    def _bench(self, device: str, leaf: str, payload: bytes, t_rcv: int, rows: _Rows) -> None:
-        if leaf != "telemetry":
-            raise Invalid("bad_topic", f"bench message type {leaf!r} is not 'telemetry'")
-        series, names = self._bench_plan[device]
+    def _bench(self, device: _Device, payload: bytes, t_rcv: int, rows: _Rows) -> None:
+        names = device.bench_names
         fast = fast_bench(payload, names)
         if fast is None:
             msg = _validate(BenchTelemetry, payload)  # the precise reason, or an unusual form
@@ -587,41 +778,92 @@ class MqttFieldDriver(DriverBase):
         else:
             ts, raw_seq, vals = fast
         seq = self._track(device, raw_seq)
+        series = device.bench_series
         if None in vals:  # optional sensors this bench does not have
             keep = [i for i, v in enumerate(vals) if v is not None]
             series, vals = [series[i] for i in keep], [vals[i] for i in keep]
-        rows.extend(series, vals, ts, t_rcv, seq)
+        rows.series += series
+        rows.value += vals
+        rows.group(len(vals), ts, t_rcv, seq)
 
-    def _charger(self, device: str, leaf: str, payload: bytes, m: _Msg) -> None:
-        if leaf not in _CHARGER_LEAVES:
-            msg = f"charger message type {leaf!r} is not status, meter or transaction"
-            raise Invalid("bad_topic", msg)
-        if leaf == "status":
+    def _status(self, device: _Device, payload: bytes, t_rcv: int, rows: _Rows) -> None:
+        fast = fast_status(payload)
+        if fast is None:
             st = _validate(ChargerStatus, payload)
-            m.seq = self._track(device, st.seq)
-            self._status_rows(m, st)
-        elif leaf == "meter":
-            mt = _validate(ChargerMeter, payload)
-            m.seq = self._track(device, mt.seq)
-            for mv in mt.meterValue:
-                self._meter_rows(m, mt.connector, mv)
-        else:
-            try:
-                tx = parse_transaction(_load_json(payload))
-            except ValidationError as exc:
-                raise Invalid(*_validation_kind(exc)) from None
-            m.seq = self._track(device, tx.seq)
-            self._transaction_rows(m, tx)
+            status = st.status if st.status is not None else st.connectorStatus
+            assert status is not None  # the model requires exactly one of them
+            fast = (st.ts, st.seq, st.connector, status, st.chargingState)
+        ts, raw_seq, connector, name, state = fast
+        m = _Msg(device.id, t_rcv, self._track(device, raw_seq), rows)
+        if connector == 0:
+            # OCPP 1.6 connector 0 is the charge point as a whole: no connector series.
+            self.ctx.counters["mqtt_status_connector0"] += 1
+            return
+        self._row(m, connector, "status", _STATUS_CODE[name], ts)
+        if state is not None:
+            self._row(m, connector, "charging_state", _STATE_CODE[state], ts)
 
-    def _track(self, device: str, raw: int) -> int:
+    def _meter(self, device: _Device, payload: bytes, t_rcv: int, rows: _Rows) -> None:
+        fast: MeterFields | None = fast_meter(payload)
+        if fast is None:
+            mt = _validate(ChargerMeter, payload)
+            groups = [
+                (mv.timestamp, [(sv.measurand, sv.phase, sv.scaled()) for sv in mv.sampledValue])
+                for mv in mt.meterValue
+            ]
+            fast = (mt.ts, mt.seq, mt.connector, groups)
+        _, raw_seq, connector, groups = fast
+        seq = self._track(device, raw_seq)
+        index = device.meter_index
+        series, values = rows.series, rows.value
+        for stamp, samples in groups:
+            n = 0
+            for measurand, phase, value in samples:
+                idx = index.get((connector, measurand, phase))
+                if idx is None:
+                    idx = self._meter_series(device, connector, measurand, phase)
+                    if idx is None:
+                        continue
+                series.append(idx)
+                values.append(value)
+                n += 1
+            if n:
+                rows.group(n, stamp, t_rcv, seq)
+
+    def _meter_series(
+        self, device: _Device, connector: int, measurand: str, phase: str | None
+    ) -> int | None:
+        """Series of a sample (remembered), or None, counted, when it has none."""
+        channel = MEASURANDS.get((measurand, phase))
+        if channel is None:
+            self.ctx.counters["mqtt_unmapped_measurand"] += 1
+            return None
+        idx = device.series.get(connector_channel(channel, connector))
+        if idx is None:
+            self._no_series(device.id, connector, channel)
+            return None
+        device.meter_index[(connector, measurand, phase)] = idx
+        return idx
+
+    def _transaction(self, device: _Device, payload: bytes, t_rcv: int, rows: _Rows) -> None:
+        try:
+            tx = parse_transaction(_load_json(payload))
+        except ValidationError as exc:
+            raise Invalid(*_validation_kind(exc)) from None
+        m = _Msg(device.id, t_rcv, self._track(device, tx.seq), rows)
+        self._transaction_rows(m, tx)
+
+    def _track(self, device: _Device, raw: int) -> int:
         modulus = self.config.seq_modulus
         if raw >= modulus:
             raise Invalid("seq_range", f"seq {raw} is not below seq_modulus {modulus}")
-        tracker = self.seq.get(device)
+        tracker = device.tracker
         if tracker is None:
-            tracker = self.seq[device] = SeqTracker(modulus)
+            tracker = device.tracker = self.seq[device.id] = SeqTracker(modulus)
         before = tracker.gaps
         unwrapped, event = tracker.update(raw)
+        if event == "next":
+            return unwrapped
         if event == "gap":
             self.ctx.counters["mqtt_seq_gap"] += tracker.gaps - before
         elif event == "duplicate":
@@ -633,22 +875,14 @@ class MqttFieldDriver(DriverBase):
     def _row(self, m: _Msg, connector: int, channel: str, value: float, ts: int) -> None:
         idx = self._charger_series[m.device].get(connector_channel(channel, connector))
         if idx is None:
-            self.ctx.counters["mqtt_unknown_series"] += 1
-            text = f"no series for connector {connector} channel {channel}; skipped"
-            self._warn_once(m.device, f"series:{connector}:{channel}", text)
+            self._no_series(m.device, connector, channel)
             return
         m.rows.add(idx, value, ts, m.t_rcv, m.seq)
 
-    def _status_rows(self, m: _Msg, st: ChargerStatus) -> None:
-        if st.connector == 0:
-            # OCPP 1.6 connector 0 is the charge point as a whole: no connector series.
-            self.ctx.counters["mqtt_status_connector0"] += 1
-            return
-        name = st.status if st.status is not None else st.connectorStatus
-        assert name is not None
-        self._row(m, st.connector, "status", _STATUS_CODE[name], st.ts)
-        if st.chargingState is not None:
-            self._row(m, st.connector, "charging_state", _STATE_CODE[st.chargingState], st.ts)
+    def _no_series(self, device: str, connector: int, channel: str) -> None:
+        self.ctx.counters["mqtt_unknown_series"] += 1
+        text = f"no series for connector {connector} channel {channel}; skipped"
+        self._warn_once(device, f"series:{connector}:{channel}", text)
 
     def _meter_rows(self, m: _Msg, connector: int, mv: MeterValue) -> float | None:
         """Rows of one MeterValue; returns its energy register (Wh) if it has one."""

@@ -13,8 +13,9 @@ both become integer ns since the epoch.
 from __future__ import annotations
 
 import math
+import operator
 from datetime import UTC, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import orjson
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
@@ -54,6 +55,18 @@ def format_ts(ts_ns: int) -> str:
     """ISO 8601 UTC with microseconds, the form the simulator sends (ns are truncated)."""
     sec, ns = divmod(ts_ns, 1_000_000_000)
     return datetime.fromtimestamp(sec, UTC).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ns // 1000:06d}Z"
+
+
+_KILO_UNITS = frozenset({"kWh", "kW", "kvarh", "kvar", "kVA"})
+
+
+def scale(value: float, unit: str | None, multiplier: int) -> float:
+    """A sampled value in the channel unit (Wh, W, A, V): power-of-ten multiplier, k-prefix."""
+    if multiplier:  # skipping x 10**0 changes nothing, not even the sign of -0.0
+        value *= 10.0**multiplier
+    if unit in _KILO_UNITS:
+        value *= 1000.0
+    return value
 
 
 def _ocpp_number(value: Any) -> float:
@@ -168,14 +181,10 @@ class SampledValue(BaseModel):
 
     def scaled(self) -> float:
         """Value in the channel unit (Wh, W, A, V): applies multiplier and k-prefixes."""
-        value = self.value
-        unit = self.unit
-        if self.unitOfMeasure is not None:
-            value *= 10.0**self.unitOfMeasure.multiplier
-            unit = self.unitOfMeasure.unit
-        if unit in {"kWh", "kW", "kvarh", "kvar", "kVA"}:
-            value *= 1000.0
-        return value
+        uom = self.unitOfMeasure
+        if uom is None:
+            return scale(self.value, self.unit, 0)
+        return scale(self.value, uom.unit, uom.multiplier)
 
 
 class MeterValue(BaseModel):
@@ -333,6 +342,8 @@ _BENCH_TYPES: tuple[tuple[str, tuple[type, ...]], ...] = (
 )
 """Exact JSON types the fast path takes per field (``type(v) in``: bool is not an int here)."""
 _BENCH_FIELDS = tuple(name for name, _ in _BENCH_TYPES)
+_BENCH_CHANNEL_FIELDS = _BENCH_FIELDS[:14]
+_bench_values = operator.itemgetter(*_BENCH_FIELDS)
 _good_signatures: set[tuple[type, ...]] = set()
 _MAX_SIGNATURES = 256
 
@@ -373,13 +384,181 @@ def fast_bench(payload: bytes, names: tuple[str, ...]) -> tuple[int, int, list[A
     if data is None:
         return None
     get = data.get
-    vals: list[Any] = [get(name) for name in _BENCH_FIELDS]
+    try:
+        vals: list[Any] = list(_bench_values(data))  # one C call for all sixteen
+    except KeyError:  # an optional sensor left out, or a required field missing
+        vals = [get(name) for name in _BENCH_FIELDS]
     if not _bench_ok(vals):
         return None
     try:
         ts_ns = parse_ts(vals[15])
     except ValueError:
         return None
-    if names == _BENCH_FIELDS[:14]:
+    if names == _BENCH_CHANNEL_FIELDS:
         return ts_ns, vals[14], vals[:14]
     return ts_ns, vals[14], [get(name) for name in names]
+
+
+# -- fast paths of charger status and meter values --------------------------------------------
+#
+# Same contract as fast_bench: each accepts a strict subset of its pydantic model and returns
+# exactly what the model would give (property tests in tests/drivers/mqtt hold them together);
+# None sends the payload to the model, which accepts the unusual forms or names the error.
+
+_STATUS_16_NAMES = frozenset(get_args(STATUS_16))
+_STATUS_201_NAMES = frozenset(get_args(STATUS_201))
+_CHARGING_STATES = frozenset(get_args(CHARGING_STATE))
+_OPT_STR = (str, type(None))
+_TX_ID = (int, str, type(None))
+_DEFAULT_MEASURAND = "Energy.Active.Import.Register"
+_MAX_MULTIPLIER = 300
+"""|multiplier| the fast path takes; 10.0**309 overflows, and that is the model's business."""
+
+MeterSample = tuple[str, str | None, float]
+"""(measurand, phase, value scaled to the channel unit) of one sampled value."""
+MeterGroup = tuple[int, list[MeterSample]]
+"""(timestamp ns, samples) of one MeterValue."""
+MeterFields = tuple[int, int, int, list[MeterGroup]]
+"""(ts ns, seq, connector, meter value groups) of a meter message."""
+StatusFields = tuple[int, int, int, str, str | None]
+"""(ts ns, seq, connector, status name, charging state or None) of a status message."""
+
+
+def _fast_ts(value: object) -> int | None:
+    """parse_ts of an ISO string or integer epoch ms; None for anything else or a bad string."""
+    if type(value) is str:
+        try:
+            return parse_ts(value)
+        except ValueError:
+            return None
+    if type(value) is int:
+        return parse_ts(value)
+    return None
+
+
+def _connector(get: Any) -> int | None:
+    """``evseId`` if given, else ``connectorId`` (default 1); None when either is not a count."""
+    connector = get("connectorId", 1)
+    evse = get("evseId")
+    if type(connector) is not int or connector < 0:
+        return None
+    if evse is None:
+        return connector
+    if type(evse) is not int or evse < 0:
+        return None
+    return evse
+
+
+def fast_status(payload: bytes) -> StatusFields | None:  # noqa: PLR0911 - a return per bad shape
+    """(ts ns, seq, connector, status name, charging state) of a plain status, else None.
+
+    Equivalent to :class:`ChargerStatus` on what it accepts: the status name is the 1.6
+    ``status`` or the 2.0.1 ``connectorStatus``, whichever was sent.
+    """
+    data = _loads_dict(payload)
+    if data is None:
+        return None
+    get = data.get
+    seq = get("seq")
+    connector = _connector(get)
+    status = get("status")
+    connector_status = get("connectorStatus")
+    state = get("chargingState")
+    if type(seq) is not int or seq < 0 or connector is None:
+        return None
+    if type(get("errorCode")) not in _OPT_STR or type(state) not in _OPT_STR:
+        return None
+    if state is not None and state not in _CHARGING_STATES:
+        return None
+    if connector_status is None:
+        if type(status) is not str or status not in _STATUS_16_NAMES:
+            return None
+        name = status
+    elif status is None and type(connector_status) is str:
+        if connector_status not in _STATUS_201_NAMES:
+            return None
+        name = connector_status
+    else:
+        return None
+    ts = _fast_ts(get("ts"))
+    if ts is None:
+        return None
+    return ts, seq, connector, name, state
+
+
+def _fast_sample(sv: object) -> MeterSample | None:  # noqa: C901, PLR0911 - as above
+    """One SampledValue: OCPP 1.6 string or 2.0.1 number, finite, scaled; None if unusual."""
+    if type(sv) is not dict:
+        return None
+    get = sv.get
+    raw: Any = get("value")
+    kind = type(raw)
+    if kind is float or kind is int:
+        value = float(raw)
+    elif kind is str:
+        try:
+            value = float(raw)
+        except ValueError:
+            return None
+    else:
+        return None
+    if not math.isfinite(value):
+        return None
+    measurand = get("measurand", _DEFAULT_MEASURAND)
+    phase = get("phase")
+    unit = get("unit")
+    if type(measurand) is not str or type(phase) not in _OPT_STR or type(unit) not in _OPT_STR:
+        return None
+    if type(get("context")) not in _OPT_STR:
+        return None
+    uom = get("unitOfMeasure")
+    if uom is None:
+        return measurand, phase, scale(value, unit, 0)
+    if type(uom) is not dict:
+        return None
+    uom_unit = uom.get("unit", "Wh")
+    multiplier = uom.get("multiplier", 0)
+    if type(uom_unit) is not str or type(multiplier) is not int:
+        return None
+    if not -_MAX_MULTIPLIER <= multiplier <= _MAX_MULTIPLIER:
+        return None
+    return measurand, phase, scale(value, uom_unit, multiplier)
+
+
+def fast_meter(payload: bytes) -> MeterFields | None:  # noqa: C901, PLR0911 - as above
+    """(ts ns, seq, connector, meter value groups) of a plain meter message, else None.
+
+    Equivalent to :class:`ChargerMeter` on what it accepts; each sample is
+    (measurand, phase, :meth:`SampledValue.scaled`).
+    """
+    data = _loads_dict(payload)
+    if data is None:
+        return None
+    get = data.get
+    seq = get("seq")
+    connector = _connector(get)
+    meter_values = get("meterValue")
+    if type(seq) is not int or seq < 0 or connector is None:
+        return None
+    if type(get("transactionId")) not in _TX_ID:
+        return None
+    if type(meter_values) is not list or not meter_values:
+        return None
+    groups: list[MeterGroup] = []
+    for mv in meter_values:
+        if type(mv) is not dict:
+            return None
+        sampled = mv.get("sampledValue")
+        if type(sampled) is not list or not sampled:
+            return None
+        samples = [_fast_sample(sv) for sv in sampled]
+        if None in samples:
+            return None
+        stamp = _fast_ts(mv.get("timestamp"))
+        if stamp is None:
+            return None
+        groups.append((stamp, samples))  # type: ignore[arg-type]  # no None, checked above
+    ts = _fast_ts(get("ts"))
+    if ts is None:
+        return None
+    return ts, seq, connector, groups

@@ -284,3 +284,71 @@ async def test_unreachable_broker_is_a_connect_error_naming_it() -> None:
     with pytest.raises(ConnectError, match=f"127.0.0.1:{port}"):
         async with MqttFieldDriver(cfg, make_table(cfg), ctx):
             pass
+
+
+def _meter(ts: object, seq: int, connector: int) -> bytes:
+    return orjson.dumps(
+        {
+            "ts": ts, "seq": seq, "connectorId": connector,
+            "meterValue": [
+                {"timestamp": T0, "sampledValue": [
+                    {"value": "15230", "unit": "Wh"},
+                    {"value": "7.4", "measurand": "Power.Active.Import", "unit": "kW"},
+                    {"value": "1", "measurand": "Power.Reactive.Import"},
+                ]},
+                {"timestamp": "2026-06-21T12:00:10Z", "sampledValue": [
+                    {"value": 15.25, "unitOfMeasure": {"unit": "kWh"}},
+                    {"value": 2300, "measurand": "Voltage", "phase": "L1-N",
+                     "unitOfMeasure": {"unit": "V", "multiplier": -1}},
+                ]},
+            ],
+        }
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("ts", [T0, 1_782_043_200_000.0])  # the fast path, then the model
+def test_meter_rows_per_meter_value_and_connector(ts: object) -> None:
+    drv, letters = driver()
+    batch = drv.parse([("field/charger/cp-02/meter", _meter(ts, 7, 2), NS0 + 5)])
+    assert not letters
+    got = [
+        (drv.series[int(s)].channel, float(v), int(t), int(q))
+        for s, v, t, q in zip(batch.series, batch.value, batch.ts_source, batch.seq, strict=True)
+    ]
+    assert got == [
+        ("energy_wh_c2", 15230.0, NS0, 7),
+        ("power_w_c2", 7400.0, NS0, 7),
+        ("energy_wh_c2", 15250.0, NS0 + 10 * 10**9, 7),
+        ("voltage_c2", 230.0, NS0 + 10 * 10**9, 7),
+    ]
+    assert set(batch.ts_receive) == {NS0 + 5}
+    assert drv.ctx.counters["mqtt_unmapped_measurand"] == 1
+
+
+@pytest.mark.parametrize("ts", [T0, 1_782_043_200_000.0])
+def test_status_rows_both_paths(ts: object) -> None:
+    drv, letters = driver()
+    items = [
+        ("field/charger/cp-01/status", orjson.dumps({"ts": ts, "seq": 1, "status": "Faulted"})),
+        ("field/charger/cp-02/status", orjson.dumps(
+            {"ts": ts, "seq": 1, "evseId": 2, "connectorStatus": "Occupied",
+             "chargingState": "SuspendedEV"})),
+        ("field/charger/cp-01/status", orjson.dumps(
+            {"ts": ts, "seq": 2, "connectorId": 0, "status": "Available"})),
+    ]  # fmt: skip
+    assert rows(drv, items) == {
+        ("cp-01", "status"): [8.0],
+        ("cp-02", "status_c2"): [9.0],
+        ("cp-02", "charging_state_c2"): [3.0],
+    }
+    assert not letters
+    assert drv.ctx.counters["mqtt_status_connector0"] == 1
+
+
+def test_topic_checks_hold_after_good_messages() -> None:
+    # Good topics are remembered; that must not let a device publish under another kind.
+    drv, letters = driver()
+    good = ("field/bench/bench-01/telemetry", bench(seq=1), 1)
+    drv.parse([good, good])
+    drv.parse([("field/charger/bench-01/meter", bench(seq=2), 1), good])
+    assert [reason.split(":")[0] for _, _, reason in letters] == ["wrong_topic"]

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
@@ -19,10 +20,13 @@ from drivers.mqtt.schemas import (
     TransactionStopV16,
     TransactionV201,
     fast_bench,
+    fast_meter,
+    fast_status,
     format_ts,
     parse_transaction,
     parse_ts,
 )
+from sim.field import FieldDevice, FieldDeviceSpec
 
 BENCH = {
     "ts": "2026-06-21T12:00:00Z",
@@ -220,3 +224,179 @@ def test_fast_path_accepts_only_what_the_model_accepts(
     assert fast[0] == model.ts
     assert fast[1] == model.seq
     assert fast[2] == [getattr(model, n) for n in names]
+
+
+# -- fast paths of status and meter messages: a strict subset of the models, same output -----
+
+# Field values: a few plausible ones per message type (so that accepted payloads are common
+# and each check of the fast path is exercised), small signed ints, and anything else.
+_METER_WORDS = st.sampled_from(
+    ["12.5", "-3", "1e3", "NaN", "inf", "-Infinity", "1_0", " 7 ", "x", "Wh", "kWh", "kW", "A",
+     "L1", "L1-N", "Energy.Active.Import.Register", "Power.Active.Import", "Voltage",
+     "2026-03-02T09:15:00Z", "2026-03-02T09:15:00"]
+)  # fmt: skip
+_STATUS_WORDS = st.sampled_from(
+    ["Charging", "Available", "Occupied", "Faulted", "Finishing", "Busy", "EVConnected", "Idle",
+     "NoError", "2026-03-02T09:15:00Z", "2026-03-02T09:15:00"]
+)  # fmt: skip
+_OTHER_VALUES = st.one_of(
+    _ANY_VALUE,
+    st.integers(2**62, 2**64),
+    st.just({"unit": "kWh"}),
+    st.just({"unit": "W", "multiplier": 2}),
+    st.just({"multiplier": "3"}),
+    st.just({}),
+    st.just([]),
+)
+_METER_VALUE = st.one_of(_METER_WORDS, st.integers(-2, 3), _OTHER_VALUES)
+_STATUS_VALUE = st.one_of(_STATUS_WORDS, st.integers(-2, 3), _OTHER_VALUES)
+
+
+def _patched(
+    base: dict[str, object], patch: dict[str, object], drop: set[str]
+) -> dict[str, object]:
+    return {k: v for k, v in {**base, **patch}.items() if k not in drop}
+
+
+METER_201 = {
+    "ts": "2026-03-02T09:15:00.250000Z",
+    "seq": 9,
+    "evseId": 2,
+    "transactionId": "tx-9",
+    "meterValue": [
+        {
+            "timestamp": "2026-03-02T09:15:00Z",
+            "sampledValue": [
+                {"value": 15.23, "unitOfMeasure": {"unit": "kWh"}},
+                {"value": 1098, "measurand": "Power.Active.Import",
+                 "unitOfMeasure": {"unit": "W", "multiplier": 1}, "context": "Sample.Periodic"},
+                {"value": 230.1, "measurand": "Voltage", "phase": "L1-N"},
+            ],
+        },
+        {"timestamp": 1_772_442_960_000, "sampledValue": [{"value": "16.1", "unit": "kWh"}]},
+    ],
+}  # fmt: skip
+_TOP = sorted({*METER_16, *METER_201, "evseId", "connectorId"})
+_SV = ["value", "measurand", "phase", "unit", "unitOfMeasure", "context"]
+
+
+def _meter_fields(m: ChargerMeter) -> tuple[int, int, int, list[tuple[int, list[object]]]]:
+    groups = [
+        (mv.timestamp, [(sv.measurand, sv.phase, sv.scaled()) for sv in mv.sampledValue])
+        for mv in m.meterValue
+    ]
+    return m.ts, m.seq, m.connector, groups  # type: ignore[return-value]
+
+
+@settings(max_examples=300)
+@given(
+    base=st.sampled_from([METER_16, METER_201]),
+    top=st.dictionaries(st.sampled_from(_TOP), _METER_VALUE, max_size=3),
+    top_drop=st.sets(st.sampled_from(_TOP), max_size=2),
+    mv_patch=st.dictionaries(
+        st.sampled_from(["timestamp", "sampledValue"]), _METER_VALUE, max_size=1
+    ),
+    sv_patch=st.dictionaries(st.sampled_from(_SV), _METER_VALUE, max_size=3),
+    sv_drop=st.sets(st.sampled_from(_SV), max_size=2),
+)
+@example(METER_16, {"seq": -1}, set(), {}, {}, set())  # edges random search finds rarely
+@example(METER_201, {"evseId": -1}, set(), {}, {}, set())
+@example(METER_16, {}, set(), {}, {"value": "NaN"}, set())
+@example(METER_16, {}, set(), {}, {"value": "-Infinity"}, set())
+@example(METER_201, {}, set(), {"timestamp": "2026-03-02T09:15:00"}, {}, set())
+@example(METER_16, {}, set(), {}, {"measurand": None}, set())
+@example(METER_201, {}, set(), {}, {"unitOfMeasure": {"multiplier": "3"}}, set())
+def test_fast_meter_accepts_only_what_the_model_accepts(
+    base: dict[str, object],
+    top: dict[str, object],
+    top_drop: set[str],
+    mv_patch: dict[str, object],
+    sv_patch: dict[str, object],
+    sv_drop: set[str],
+) -> None:
+    data = _patched(base, top, top_drop)
+    mvs = data.get("meterValue")
+    if isinstance(mvs, list) and mvs and isinstance(mvs[0], dict):
+        first = _patched(mvs[0], mv_patch, set())
+        svs = first.get("sampledValue")
+        if isinstance(svs, list) and svs and isinstance(svs[0], dict):
+            first["sampledValue"] = [_patched(svs[0], sv_patch, sv_drop), *svs[1:]]
+        data["meterValue"] = [first, *mvs[1:]]
+    payload = json.dumps(data).encode()  # orjson refuses ints beyond 64 bits
+    fast = fast_meter(payload)
+    if fast is None:
+        return
+    model = ChargerMeter.model_validate_json(payload)  # must not raise
+    assert fast == _meter_fields(model)
+
+
+STATUS_16_MSG = {"ts": "2026-03-02T09:15:00Z", "seq": 1, "connectorId": 2, "status": "Charging",
+                 "errorCode": "NoError"}  # fmt: skip
+STATUS_201_MSG = {"ts": "2026-03-02T09:15:00Z", "seq": 2, "evseId": 1, "connectorId": 1,
+                  "connectorStatus": "Occupied", "chargingState": "EVConnected"}  # fmt: skip
+_STATUS_KEYS = ["ts", "seq", "connectorId", "evseId", "status", "connectorStatus",
+                "chargingState", "errorCode"]  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(
+    base=st.sampled_from([STATUS_16_MSG, STATUS_201_MSG]),
+    patch=st.dictionaries(st.sampled_from(_STATUS_KEYS), _STATUS_VALUE, max_size=3),
+    drop=st.sets(st.sampled_from(_STATUS_KEYS), max_size=2),
+)
+@example(STATUS_16_MSG, {"status": "Busy"}, set())
+@example(STATUS_16_MSG, {"seq": -1}, set())
+@example(STATUS_201_MSG, {"connectorStatus": "Charging"}, set())
+@example(STATUS_201_MSG, {"chargingState": "Available"}, set())
+@example(STATUS_201_MSG, {"status": "Available"}, set())
+def test_fast_status_accepts_only_what_the_model_accepts(
+    base: dict[str, object], patch: dict[str, object], drop: set[str]
+) -> None:
+    payload = json.dumps(_patched(base, patch, drop)).encode()
+    fast = fast_status(payload)
+    if fast is None:
+        return
+    model = ChargerStatus.model_validate_json(payload)  # must not raise
+    name = model.status if model.status is not None else model.connectorStatus
+    assert fast == (model.ts, model.seq, model.connector, name, model.chargingState)
+
+
+@pytest.mark.parametrize("ocpp", ["1.6", "2.0.1"])
+def test_simulator_messages_take_the_fast_paths(ocpp: str) -> None:
+    # The fast paths are only worth having if what devices send goes through them.
+    spec = FieldDeviceSpec(kind="charger", id="cp-x", interval_s=60, seed=3, ocpp=ocpp)
+    dev = FieldDevice(spec, start_hour=10.0)
+    seen = {"status": 0, "meter": 0}
+    for _ in range(200):
+        for m in dev.tick():
+            leaf = m.topic.rsplit("/", 1)[-1]
+            if leaf == "status":
+                assert fast_status(m.payload) is not None, m.payload
+            elif leaf == "meter":
+                assert fast_meter(m.payload) is not None, m.payload
+            seen[leaf] = seen.get(leaf, 0) + 1
+    assert seen["status"] > 0
+    assert seen["meter"] > 0
+    bench = FieldDevice(FieldDeviceSpec(kind="bench", id="b-x", interval_s=60, seed=3), 10.0)
+    names = tuple(c.name for c in BENCH_CHANNELS)
+    for _ in range(20):
+        for m in bench.tick():
+            assert fast_bench(m.payload, names) is not None, m.payload
+
+
+def test_fast_paths_leave_errors_to_the_models() -> None:
+    good = orjson.dumps(METER_201)
+    assert fast_meter(good) is not None
+    for bad in (
+        good.replace(b"15.23", b"NaN"),
+        orjson.dumps({**METER_16, "meterValue": []}),
+        orjson.dumps({**METER_16, "seq": -1}),
+        orjson.dumps({**METER_16, "connectorId": None}),
+        b"[1]",
+        b"{",
+    ):
+        assert fast_meter(bad) is None
+    status = {"ts": 0, "seq": 0, "status": "Available"}
+    assert fast_status(orjson.dumps(status)) == (0, 0, 1, "Available", None)
+    assert fast_status(orjson.dumps({**status, "connectorStatus": "Available"})) is None
+    assert fast_status(orjson.dumps({**status, "status": ["Available"]})) is None
