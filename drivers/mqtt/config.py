@@ -92,14 +92,14 @@ class TlsFiles(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
 
     @model_validator(mode="after")
     def _pair(self) -> TlsFiles:
-        if (self.cert is None) != (self.key is None):
-            msg = "tls.cert and tls.key must be given together"
+        if (self.cert_file is None) != (self.key_file is None):
+            msg = "tls.cert_file and tls.key_file must be given together"
             raise ValueError(msg)
         return self
 

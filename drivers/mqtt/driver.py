@@ -476,9 +476,9 @@ class MqttFieldDriver(DriverBase):
             tls = broker.tls
             try:
                 client.tls_set(
-                    ca_certs=str(tls.ca) if tls.ca else None,
-                    certfile=str(tls.cert) if tls.cert else None,
-                    keyfile=str(tls.key) if tls.key else None,
+                    ca_certs=str(tls.ca_file) if tls.ca_file else None,
+                    certfile=str(tls.cert_file) if tls.cert_file else None,
+                    keyfile=str(tls.key_file) if tls.key_file else None,
                 )
             except (OSError, ValueError) as exc:
                 raise ConnectError(f"{where}: TLS setup failed: {exc}") from exc

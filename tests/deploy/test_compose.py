@@ -244,7 +244,7 @@ def test_site_accounts_exist_and_endpoints_match(
         if source.type == "mqtt":
             assert source.broker.username in users
             assert source.broker.tls is not None
-            assert source.broker.tls.ca is not None
+            assert source.broker.tls.ca_file is not None
             assert source.broker.host == "mosquitto"
             for dev in source.devices:
                 assert dev.id in users

@@ -317,3 +317,73 @@ def test_compose_healthcheck_command_passes(broker: Broker) -> None:
         ["sh", "-c", command], env=env, timeout=15, check=False, capture_output=True
     )
     assert bad.returncode != 0, shlex.quote(command)
+
+
+async def test_field_driver_reads_devices_over_tls_with_the_agents_account(
+    broker: Broker, clients: list[Client], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The street furniture path as deployed: bench -> TLS broker -> agent's MQTT field driver."""
+    import asyncio
+    import time
+
+    import orjson
+
+    from drivers.base import DriverContext
+    from drivers.mqtt.config import TlsFiles
+    from drivers.mqtt.driver import MqttFieldDriver
+
+    monkeypatch.setenv("TPO_AGENT_MQTT_PASSWORD", broker.password("it-edge"))
+    [source] = [
+        s.model_copy(
+            update={
+                "broker": s.broker.model_copy(
+                    update={
+                        "port": broker.port,
+                        "username": "it-edge",
+                        "password_env": "TPO_AGENT_MQTT_PASSWORD",
+                        "tls": TlsFiles(ca_file=broker.layout.ca_cert),
+                    }
+                )
+            }
+        )
+        for s in broker.site.sources
+        if s.type == "mqtt"
+    ]
+    table = broker.site.series_table()
+    ctx = DriverContext(site="tpo", secret=b"test-site-secret")
+    bench = _client(clients, broker, "bench-01")
+    assert bench.connect(), bench.reason
+    body = {
+        "ts": "2026-06-21T12:00:00Z",
+        "seq": 7,
+        "pv_w": 61.5,
+        "pv_wh_total": 18342.0,
+        "batt_v": 12.9,
+        "batt_soc_pct": 78.0,
+        "protect_mode": False,
+        "usb_active": 1,
+        "qi_active": 0,
+        "sessions_today": 14,
+        "occupancy": 2,
+        "temp_c": 24.1,
+        "rh_pct": 48.0,
+        "pm2_5": 7.2,
+        "noise_dba": 58.3,
+        "rssi_dbm": -97.0,
+    }
+    async with MqttFieldDriver(source, table, ctx) as driver:
+        stream = driver.stream()
+        deadline = time.monotonic() + 10
+        got = None
+        while got is None and time.monotonic() < deadline:
+            bench.publish("field/bench/bench-01/telemetry", orjson.dumps(body))
+            try:
+                batch = await asyncio.wait_for(anext(stream), 1.0)
+            except TimeoutError:
+                continue
+            got = batch
+        assert got is not None, "nothing arrived over TLS"
+    values = {table[int(s)].channel: float(v) for s, v in zip(got.series, got.value, strict=True)}
+    assert values["batt_soc_pct"] == 78.0
+    assert values["pv_w"] == 61.5
+    assert {table[int(s)].device for s in got.series} == {"bench-01"}
