@@ -237,7 +237,8 @@ def analyze(
         float, typer.Option("--survival-time", help="Survival time in ms.")
     ] = 0.0,
     transfer_interval: Annotated[
-        float | None, typer.Option("--transfer-interval", help="Transfer interval in ms.")
+        float | None,
+        typer.Option("--transfer-interval", help="Transfer interval in ms (default: estimated)."),
     ] = None,
     window: Annotated[float, typer.Option("--window", help="Window length in s.")] = 10.0,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
@@ -254,7 +255,7 @@ def analyze(
         arrays,
         deadline_ms=deadline,
         survival_time_ms=survival_time,
-        transfer_interval_ms=transfer_interval or 0.0,
+        transfer_interval_ms=transfer_interval,  # None: estimated from the trace
         window_s=window,
     )
     if as_json:

@@ -20,13 +20,17 @@ import numpy as np
 import numpy.typing as npt
 
 from pipelines.link import (
+    AUTO,
     NO_SEQ,
     NO_TIME,
+    NS_PER_MS,
     NS_PER_S,
+    Auto,
     LinkConfig,
     LinkWindow,
     LinkWindower,
     SeriesState,
+    estimate_transfer_interval,
     link_window,
     sort_arrivals,
     unwrap_seq,
@@ -117,6 +121,8 @@ _OVERALL_KEYS = {
     "pdv_max_ms": "pdv_max_ms",
     "duplicates": "duplicates",
     "reordering_ratio": "reordering_ratio",
+    "transfer_interval_ms": "transfer_interval_ms",
+    "survival_time_ms": "survival_time_ms",
     "availability": "availability",
     "up_s": "up_s",
     "down_s": "down_s",
@@ -128,11 +134,22 @@ _OVERALL_KEYS = {
 """LinkWindow field -> trace result key (KPIS.md names, snake_case)."""
 
 
+def trace_transfer_interval_ms(trace: Trace) -> float | None:
+    """The transfer interval TI (ms) estimated from the trace's receive times, or None.
+
+    One estimate over the whole trace (:func:`pipelines.link.estimate_transfer_interval`:
+    median cycle, bursts folded, gaps ignored while they are a minority), so the overall
+    result and every window are judged against the same TI.
+    """
+    estimate = estimate_transfer_interval(trace.t_recv_ns[trace.t_recv_ns != NO_TIME])
+    return None if estimate is None else estimate / NS_PER_MS
+
+
 def analyze_trace(
     trace: Trace,
     deadline_ms: float,
-    survival_time_ms: float = 0.0,
-    transfer_interval_ms: float = 0.0,
+    survival_time_ms: float | Auto = 0.0,
+    transfer_interval_ms: float | Auto | None = AUTO,
     window_s: float = 10.0,
     *,
     seq_modulus: int | None = None,
@@ -141,21 +158,35 @@ def analyze_trace(
 
     Unlike the live windower the trace knows every message sent, so ``n_sent``, loss and
     deadline reliability count the messages never received, also at the end of the trace.
+    ``transfer_interval_ms`` None or ``"auto"``: estimated from the trace
+    (:func:`trace_transfer_interval_ms`); ``survival_time_ms`` ``"auto"``: one TI. The TI and
+    survival time used are reported (``transfer_interval_ms``, ``survival_time_ms``; None when
+    no TI could be estimated, and then availability is None too).
     """
+    interval: float | Auto | None = transfer_interval_ms
+    estimated = interval is None or interval == AUTO
+    if interval is None or interval == AUTO:
+        # No estimate: keep "auto", which leaves availability without a basis (None).
+        interval = trace_transfer_interval_ms(trace)
+        interval = AUTO if interval is None else interval
     config = LinkConfig(
         window_s=window_s,
         lateness_s=0.0,
         seq_modulus=seq_modulus,
         deadline_ms=deadline_ms,
         survival_time_ms=survival_time_ms,
-        transfer_interval_ms=transfer_interval_ms,
+        transfer_interval_ms=interval,
     )
     arrivals = sort_arrivals(tuple(trace))  # type: ignore[arg-type]  # Trace is 4 int arrays
     known = np.concatenate(
         (trace.t_recv_ns[trace.t_recv_ns != NO_TIME], trace.t_send_ns[trace.t_send_ns != NO_TIME])
     )
     n_sent, n_delivered = _sent_and_received(trace, seq_modulus)
-    result: dict[str, Any] = {"n_sent": n_sent, "n_received": int(arrivals[0].size)}
+    result: dict[str, Any] = {
+        "n_sent": n_sent,
+        "n_received": int(arrivals[0].size),
+        "transfer_interval_estimated": estimated,
+    }
     if known.size == 0:
         return result | {"windows": []}
     span = (int(known.min()), int(known.max()) + 1)

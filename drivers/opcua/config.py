@@ -70,8 +70,11 @@ class OpcUaSource(SourceConfig):
     timeout_s: float = Field(default=5.0, gt=0.0)
     max_nodes_per_read: int = Field(default=100, ge=1)
     """Fallback when the server does not publish OperationLimits/MaxNodesPerRead."""
-    security_policy: Literal["None", "Basic256Sha256"] = "None"
-    security_mode: Literal["None", "Sign", "SignAndEncrypt"] = "None"
+    security_policy: Literal["auto", "None", "Basic256Sha256"] = "auto"
+    """``auto``: Basic256Sha256 when the server offers it (the only policy used so far)."""
+    security_mode: Literal["auto", "None", "Sign", "SignAndEncrypt"] = "auto"
+    """``auto``: the strongest the server offers (SignAndEncrypt > Sign > None), never None when
+    the server offers a secure endpoint; ``None`` (with policy ``None`` or ``auto``) opts out."""
     client_cert_dir: Path | None = None
     """Where the client certificate and key persist (made on first start; not in the repo)."""
     trust_dir: Path | None = None
@@ -100,12 +103,13 @@ class OpcUaSource(SourceConfig):
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         where = f"opcua source {self.device!r}"
-        if (self.security_policy == "None") != (self.security_mode == "None"):
+        explicit = {self.security_policy, self.security_mode} - {"auto"}
+        if "None" in explicit and len(explicit) > 1:
             raise ValueError(
                 f"{where}: security_policy {self.security_policy!r} and security_mode "
                 f"{self.security_mode!r} must both be None or both be set"
             )
-        if self.security_policy != "None" and (
+        if self.security_mode in {"Sign", "SignAndEncrypt"} and (
             self.client_cert_dir is None or self.trust_dir is None
         ):
             raise ValueError(f"{where}: security needs client_cert_dir and trust_dir")
@@ -135,6 +139,16 @@ class OpcUaSource(SourceConfig):
                             f"{where}: node {node.channel!r}: namespace alias {prefix!r} "
                             f"is not in namespaces {sorted(self.namespaces)}"
                         )
+
+    @property
+    def security_auto(self) -> bool:
+        """Whether the mode is chosen at connect from the endpoints the server offers."""
+        return self.security_mode == "auto" and self.security_policy != "None"
+
+    @property
+    def security_off(self) -> bool:
+        """Whether security was switched off explicitly (``None`` on either field)."""
+        return "None" in {self.security_policy, self.security_mode}
 
     def channel_specs(self) -> list[ChannelSpec]:
         """One channel per configured node."""

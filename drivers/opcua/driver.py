@@ -2,8 +2,10 @@ r"""OPC UA driver: subscriptions (and optional polling) against one server endpo
 
 Lifecycle of a session (connect builds up in steps and unwinds on failure):
 
-1. client with security policy/mode and a persisted client certificate;
-   the server certificate must be in the trust list (or trusted on first use);
+1. security: GetEndpoints, then the strongest endpoint offered (``security_mode: auto``,
+   never None when a secure one is offered) or the configured one, with a persisted
+   client certificate; the server certificate must be in the trust list (or trusted on
+   first use);
 2. connect, read the namespace array (aliases -> indexes; indexes change, URIs do not);
 3. resolve browse paths once (TranslateBrowsePathsToNodeIds, batched);
 4. read OperationLimits/MaxNodesPerRead (polled reads are split by it);
@@ -67,6 +69,11 @@ ua: Any = _ua
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _MAX_BATCH = 50_000
 """Most notifications turned into one SampleBatch (keeps batches bounded under bursts)."""
+_SECURE_RANK = {
+    ua.MessageSecurityMode.SignAndEncrypt: 2,
+    ua.MessageSecurityMode.Sign: 1,
+}
+"""Secure message modes, stronger ranked higher (security_mode auto takes the strongest)."""
 _LOST = object()
 """Queue marker: the subscription reported a status change (session lost)."""
 
@@ -192,6 +199,8 @@ class OpcUaDriver(DriverBase):
         self._backoff = Backoff(config.reconnect_min_s, config.reconnect_max_s)
         self._next_poll = 0.0
         self._failures = 0
+        self.security_in_use: str | None = None
+        """``policy/mode`` of the last session (``None/None`` unsecured), once connected."""
 
     # --- public lifecycle ---------------------------------------------------
 
@@ -260,7 +269,7 @@ class OpcUaDriver(DriverBase):
         client.session_timeout = max(30_000, int(cfg.watchdog_s * 3_000))
         session = _Session(client)
         try:
-            if cfg.security_policy != "None":
+            if not cfg.security_off:
                 await self._setup_security(client)
             self._set_credentials(client)
             try:
@@ -330,22 +339,36 @@ class OpcUaDriver(DriverBase):
                 return
 
     async def _setup_security(self, client: Client) -> None:
+        """Read the server's endpoints, choose one, and secure the client for it (trust applies)."""
         cfg = self.config
-        assert cfg.client_cert_dir is not None
-        assert cfg.trust_dir is not None
-        cert_path, key_path = await asyncio.to_thread(self._client_certificate, client)
-        mode = getattr(ua.MessageSecurityMode, cfg.security_mode)
         try:
             async with asyncio.timeout(cfg.timeout_s * 2):
                 endpoints = await client.connect_and_get_server_endpoints()
         except Exception as exc:
-            self._fail("GetEndpoints", exc)
-        try:
-            endpoint = Client.find_endpoint(endpoints, mode, SecurityPolicyBasic256Sha256.URI)
-        except ValueError as exc:
+            self._fail("connect (GetEndpoints)", exc)
+        endpoint = self._choose_endpoint(endpoints)
+        choice = (
+            "None/None"
+            if endpoint is None
+            else f"Basic256Sha256/{_mode_name(endpoint.SecurityMode)}"
+        )
+        (_log.info if choice != self.security_in_use else _log.debug)(
+            "%s: security %s (%s; server offers %s)",
+            self.name,
+            choice,
+            "auto" if cfg.security_auto else "configured",
+            _offered(endpoints),
+        )
+        self.security_in_use = choice
+        if endpoint is None:
+            return
+        if cfg.client_cert_dir is None or cfg.trust_dir is None:
             raise ConnectError(
-                f"{self._where()}: server offers no endpoint Basic256Sha256/{cfg.security_mode}"
-            ) from exc
+                f"{self._where()}: the server offers {choice} and security_mode auto never falls "
+                "back to None: set client_cert_dir and trust_dir (or security_mode: None to "
+                "connect unsecured on purpose)"
+            )
+        cert_path, key_path = await asyncio.to_thread(self._client_certificate, client)
         # The endpoint may carry a chain; the first certificate is the server's own.
         first = x509.load_der_x509_certificate(_first_der(endpoint.ServerCertificate))
         der = first.public_bytes(serialization.Encoding.DER)
@@ -356,10 +379,34 @@ class OpcUaDriver(DriverBase):
                 str(cert_path),
                 str(key_path),
                 server_certificate=der,
-                mode=mode,
+                mode=endpoint.SecurityMode,
             )
         except Exception as exc:
             self._fail("set security", exc)
+
+    def _choose_endpoint(self, endpoints: Sequence[Any]) -> Any:
+        """The Basic256Sha256 endpoint to use, or None for an unsecured session.
+
+        ``auto`` takes the strongest offered (SignAndEncrypt > Sign) and returns None only
+        when the server offers no secure endpoint at all: a secure endpoint we cannot use
+        (another policy) is a ConnectError, never a silent downgrade.
+        """
+        cfg = self.config
+        tcp = [ep for ep in endpoints if str(ep.EndpointUrl).startswith(ua.OPC_TCP_SCHEME)]
+        secure = [ep for ep in tcp if ep.SecurityMode in _SECURE_RANK]
+        ours = [ep for ep in secure if ep.SecurityPolicyUri == SecurityPolicyBasic256Sha256.URI]
+        if not cfg.security_auto:
+            mode = getattr(ua.MessageSecurityMode, cfg.security_mode)
+            ours = [ep for ep in ours if ep.SecurityMode == mode]
+        if ours:
+            return max(ours, key=lambda ep: _SECURE_RANK[ep.SecurityMode])
+        if secure or not cfg.security_auto or cfg.security_policy != "auto":
+            wanted = "Sign or SignAndEncrypt" if cfg.security_auto else cfg.security_mode
+            raise ConnectError(
+                f"{self._where()}: server offers no endpoint Basic256Sha256/{wanted} "
+                f"(it offers {_offered(endpoints)}); not falling back to None"
+            )
+        return None
 
     def _client_certificate(self, client: Client) -> tuple[Path, Path]:
         """The persisted client certificate and key; generated once (keys never leave the dir)."""
@@ -706,6 +753,20 @@ class OpcUaDriver(DriverBase):
         return SampleBatch.build(
             cols[0], cols[3], ts_receive=cols[2], ts_source=cols[1], quality=cols[4]
         )
+
+
+def _offered(endpoints: Sequence[Any]) -> str:
+    """``policy/mode`` of every endpoint, for logs and errors."""
+    names = {
+        f"{str(ep.SecurityPolicyUri).rsplit('#', 1)[-1]}/{_mode_name(ep.SecurityMode)}"
+        for ep in endpoints
+    }
+    return ", ".join(sorted(names)) or "nothing"
+
+
+def _mode_name(mode: Any) -> str:
+    """``None``, ``Sign`` or ``SignAndEncrypt`` (asyncua spells the first ``None_``)."""
+    return str(ua.MessageSecurityMode(mode).name).rstrip("_")
 
 
 def _first_der(data: bytes) -> bytes:

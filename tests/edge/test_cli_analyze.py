@@ -45,6 +45,30 @@ def test_json_output_matches_the_constructed_trace(tmp_path: Path) -> None:
     assert abs(out["one_way_latency_p50_ms"] - exact_p50) <= 0.011 * exact_p50 + 1e-6
     assert out["one_way_latency_p99_99_ms"] is None  # 995 samples cannot support p99.99
     assert len(out["windows"]) == 2
+    # No --transfer-interval: estimated from the 10 ms cycle of the trace.
+    assert out["transfer_interval_estimated"] is True
+    assert abs(out["transfer_interval_ms"] - 10.0) <= 0.5
+    assert out["survival_time_ms"] == 0.0
+
+
+def test_given_transfer_interval_and_survival_time(tmp_path: Path) -> None:
+    trace = tmp_path / "trace.csv"
+    write_trace(trace)
+    args = ["analyze", str(trace), "--deadline", "10", "--json"]
+    auto = json.loads(runner.invoke(app, [*args, "--survival-time", "10"]).output)
+    given = json.loads(
+        runner.invoke(app, [*args, "--survival-time", "10", "--transfer-interval", "10"]).output
+    )
+    assert given["transfer_interval_ms"] == 10.0
+    assert given["transfer_interval_estimated"] is False
+    assert abs(auto["transfer_interval_ms"] - 10.0) <= 0.5  # receive times carry the jitter
+    assert auto["survival_time_ms"] == given["survival_time_ms"] == 10.0
+    # 5 messages in a row lost: down for a while against a 10 ms TI with one miss tolerated.
+    for out in (auto, given):
+        assert out["failures"] >= 1
+        assert 0.9 < out["availability"] < 1.0
+    table = runner.invoke(app, ["analyze", str(trace)]).output
+    assert "transfer_interval_ms" in table
 
 
 def test_table_output_and_bad_file(tmp_path: Path) -> None:

@@ -6,7 +6,7 @@ import asyncio
 import math
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 
 import pytest
 
@@ -39,13 +39,23 @@ def peer(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeOpcuaServer]:
     server.stop()
 
 
-def driver_for(peer: NodeOpcuaServer, nodes: list[dict[str, object]]) -> OpcUaDriver:
-    cfg = OpcUaSource(
-        area="hall2",
-        device="Press-1",
-        endpoint=peer.endpoint,
-        namespaces={"peer": NodeOpcuaServer.NAMESPACE},
-        nodes=nodes,
+def driver_for(
+    peer: NodeOpcuaServer, nodes: Sequence[Mapping[str, object]], **kw: object
+) -> OpcUaDriver:
+    # node-opcua offers Basic256Sha256 endpoints, so the default security_mode auto encrypts:
+    # this also checks our secure channel against an independent stack.
+    cfg = OpcUaSource.model_validate(
+        {
+            "area": "hall2",
+            "device": "Press-1",
+            "endpoint": peer.endpoint,
+            "namespaces": {"peer": NodeOpcuaServer.NAMESPACE},
+            "nodes": nodes,
+            "client_cert_dir": peer.workdir / "client",
+            "trust_dir": peer.workdir / "trust",
+            "trust_on_first_use": True,
+        }
+        | kw
     )
     table = SeriesTable(
         SeriesKey("tpo", "hall2", s.device, s.channel, s.unit, "opcua") for s in cfg.channel_specs()
@@ -94,6 +104,7 @@ async def test_node_id_with_namespace_uri(peer: NodeOpcuaServer) -> None:
     async with driver:
         seen = await latest(driver, 2)
     assert seen["Pressure"][:2] == (123.5, 0)
+    assert driver.security_in_use == "Basic256Sha256/SignAndEncrypt"
 
 
 async def test_missing_browse_path_names_node(peer: NodeOpcuaServer) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import shutil
 import socket
@@ -237,6 +238,83 @@ async def test_untrusted_server_rejected(secure_sim: OpcUaServerSim, tmp_path: P
     async with driver:
         await collect(driver, lambda b: len(b) > 5)
     assert len(list(trust.glob("*.der"))) == 1
+
+
+@pytest.fixture
+async def offering_sim(tmp_path: Path) -> AsyncIterator[OpcUaServerSim]:
+    """Secure endpoints (Basic256Sha256 Sign, SignAndEncrypt) beside the unsecured one."""
+    server = OpcUaServerSim(
+        "127.0.0.1",
+        free_port(),
+        [machine()],
+        GroundTruth(),
+        security=True,
+        allow_none=True,
+        cert_dir=tmp_path / "server",
+    )
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def trusting(sim: OpcUaServerSim, tmp_path: Path) -> dict[str, Path]:
+    trust = tmp_path / "trust"
+    trust.mkdir()
+    assert sim.cert_path is not None
+    shutil.copy(sim.cert_path, trust / "sim.der")
+    return {"client_cert_dir": tmp_path / "client", "trust_dir": trust}
+
+
+async def test_auto_security_takes_sign_and_encrypt(
+    offering_sim: OpcUaServerSim, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="drivers.opcua.driver")
+    driver, _ = make_driver(offering_sim.endpoint, ["Mill-1"], **trusting(offering_sim, tmp_path))
+    assert driver.config.security_mode == "auto"  # the default
+    async with driver:
+        assert driver._session is not None
+        policy = driver._session.client.security_policy
+        assert policy.URI.endswith("#Basic256Sha256")
+        assert policy.Mode == ua.MessageSecurityMode.SignAndEncrypt
+        data = await collect(driver, lambda b: len(b) > 20)
+    assert (data.quality == 0).all()
+    assert driver.security_in_use == "Basic256Sha256/SignAndEncrypt"
+    chosen = [r for r in caplog.records if "security Basic256Sha256/SignAndEncrypt" in r.message]
+    assert chosen
+    assert chosen[0].levelno == logging.INFO
+    assert "None/None" in chosen[0].message  # what the server offered, for the operator
+
+
+async def test_auto_security_never_falls_back_to_none(
+    offering_sim: OpcUaServerSim, tmp_path: Path
+) -> None:
+    # No certificate directories: the server offers security, so connecting unsecured is refused.
+    driver, _ = make_driver(offering_sim.endpoint, ["Mill-1"])
+    with pytest.raises(ConnectError, match=r"'Mill-1' at .*offers Basic256Sha256/SignAndEncrypt"):
+        async with driver:
+            pass
+    # The trust list still applies: an untrusted server certificate is rejected, not bypassed.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    driver, _ = make_driver(
+        offering_sim.endpoint, ["Mill-1"], client_cert_dir=tmp_path / "client", trust_dir=empty
+    )
+    with pytest.raises(ConnectError, match="not trusted"):
+        async with driver:
+            pass
+    # Opting out explicitly still connects to the unsecured endpoint.
+    driver, _ = make_driver(offering_sim.endpoint, ["Mill-1"], security_mode="None")
+    async with driver:
+        await collect(driver, lambda b: len(b) > 5)
+    assert driver.security_in_use is None  # GetEndpoints was not even asked
+
+
+async def test_auto_security_without_secure_endpoints_is_none(sim: OpcUaServerSim) -> None:
+    driver, _ = make_driver(sim.endpoint, ["Mill-1"])
+    async with driver:
+        data = await collect(driver, lambda b: len(b) > 5)
+    assert (data.quality == 0).all()
+    assert driver.security_in_use == "None/None"
 
 
 async def test_watchdog_reconnects_after_server_hang(sim: OpcUaServerSim) -> None:

@@ -84,3 +84,50 @@ def test_analyze_trace(tmp_path: Path) -> None:
     rows = render_table(result)
     assert ("n_sent", "2000") in rows
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in rows)
+
+
+def test_auto_transfer_interval_is_estimated_from_the_trace() -> None:
+    trace = _trace()  # one message every 10 ms, lognormal delays, ~1 % lost
+    result = analyze_trace(trace, deadline_ms=8.0, survival_time_ms="auto", window_s=5.0)
+    assert result["transfer_interval_estimated"] is True
+    assert result["transfer_interval_ms"] == pytest.approx(10.0, rel=0.05)
+    assert result["survival_time_ms"] == result["transfer_interval_ms"]  # auto: one TI
+    # The windows are judged against the same TI as the whole trace.
+    assert {w["transfer_interval_ms"] for w in result["windows"]} == {
+        result["transfer_interval_ms"]
+    }
+    # The same TI given by hand gives the same availability; a given TI is reported as such.
+    given = analyze_trace(
+        trace,
+        deadline_ms=8.0,
+        survival_time_ms="auto",
+        transfer_interval_ms=result["transfer_interval_ms"],
+        window_s=5.0,
+    )
+    assert given["transfer_interval_estimated"] is False
+    assert given["availability"] == result["availability"]
+    # A much shorter assumed TI makes every normal cycle a miss: availability must drop.
+    strict = analyze_trace(trace, deadline_ms=8.0, transfer_interval_ms=1.0, window_s=5.0)
+    assert strict["transfer_interval_ms"] == 1.0
+    assert strict["availability"] < result["availability"]
+
+
+def test_auto_transfer_interval_follows_the_cycle() -> None:
+    rng = np.random.default_rng(3)
+    n = 400
+    seq = np.arange(n, dtype=np.int64)
+    t_send = 1_700_000_000_000_000_000 + seq * 25 * MS + rng.integers(0, MS, n)
+    t_recv = t_send + 2 * MS
+    trace = Trace(seq, t_send, t_recv, np.full(n, 64, dtype=np.int64))
+    result = analyze_trace(trace, deadline_ms=10.0)
+    assert result["transfer_interval_ms"] == pytest.approx(25.0, abs=1.0)
+    assert result["survival_time_ms"] == 0.0
+    assert result["availability"] == 1.0
+
+
+def test_auto_transfer_interval_without_enough_messages() -> None:
+    trace = Trace(*(np.array(c, dtype=np.int64) for c in ([0, 1], [0, MS], [MS, 2 * MS], [8, 8])))
+    result = analyze_trace(trace, deadline_ms=5.0)
+    assert result["transfer_interval_ms"] is None
+    assert result["availability"] is None  # no TI, no basis
+    json.dumps(result, allow_nan=False)

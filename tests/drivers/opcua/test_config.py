@@ -64,17 +64,37 @@ def test_unknown_alias_rejected() -> None:
         ("Basic256Sha256", "SignAndEncrypt", True),
         ("None", "Sign", False),
         ("Basic256Sha256", "None", False),
+        ("auto", "auto", True),
+        ("Basic256Sha256", "auto", True),
+        ("auto", "SignAndEncrypt", True),
+        ("None", "auto", True),
+        ("auto", "None", True),
     ],
 )
 def test_security_consistency(policy: str, mode: str, ok: bool, tmp_path: object) -> None:
     kw = {"security_policy": policy, "security_mode": mode}
-    if policy != "None":
+    if mode in {"Sign", "SignAndEncrypt"}:
         kw |= {"client_cert_dir": str(tmp_path), "trust_dir": str(tmp_path)}
     if ok:
         assert _source(**kw).security_mode == mode
     else:
         with pytest.raises(ValidationError, match="security_policy"):
             _source(**kw)
+
+
+def test_security_defaults_to_auto() -> None:
+    src = _source()
+    assert (src.security_policy, src.security_mode) == ("auto", "auto")
+    assert src.security_auto
+    assert not src.security_off
+    # Either field set to None opts out on purpose; auto on the other side follows.
+    assert _source(security_mode="None").security_off
+    assert _source(security_policy="None").security_off
+    assert not _source(security_policy="None").security_auto
+    # A fixed secure mode needs the certificate and trust directories up front; auto asks
+    # for them only when the server turns out to offer security.
+    with pytest.raises(ValidationError, match="client_cert_dir and trust_dir"):
+        _source(security_mode="Sign")
 
 
 def test_extra_field_and_secret_shape() -> None:
