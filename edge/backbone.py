@@ -10,7 +10,9 @@ broker redelivers anything not acknowledged when the session resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
 import ssl
 import threading
 from dataclasses import dataclass
@@ -102,6 +104,7 @@ class Backbone:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.on_message = self._on_message
+        client.on_socket_open = _no_delay
         self._client = client
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -248,6 +251,17 @@ class Backbone:
     def _on_message(self, _client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         message = Message(msg.topic, bytes(msg.payload), msg.mid, msg.qos, bool(msg.retain))
         self._loop.call_soon_threadsafe(self.messages.put_nowait, message)
+
+
+def _no_delay(_client: mqtt.Client, _userdata: Any, sock: Any) -> None:
+    """Send each packet at once (TCP_NODELAY).
+
+    With Nagle's algorithm a small packet waits for the ACK of the previous one, and the
+    peer delays that ACK up to 40 ms when it has nothing to send back (an ingest worker
+    acknowledges only after its write): every hop then adds up to 40 ms.
+    """
+    with contextlib.suppress(AttributeError, OSError):  # not TCP (websockets): nothing to do
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _resolve(fut: asyncio.Future[None]) -> None:

@@ -70,8 +70,13 @@ class AgentConfig(Model):
     id: str = Field(pattern=NAME)
     batch_max_samples: int = Field(default=5000, ge=1, le=100_000)
     """A device's batch is published when it holds this many samples..."""
-    batch_max_age_s: float = Field(default=0.5, gt=0, le=60)
-    """...or when its oldest sample is this old."""
+    batch_max_age_s: float = Field(default=0.04, gt=0, le=60)
+    """...or when its oldest sample is this old. Latency against messages: every sample
+    waits up to this long at the agent, and a device sends up to 1/age messages a second
+    (each costs the broker and ingest a fixed amount). The default keeps the platform's
+    p99 under 100 ms together with ``database.flush_interval_s`` (see bench/RESULTS.md,
+    "End to end"); a slow device's poll is its own batch anyway. Raise it (0.1-1 s) for
+    many fast streaming devices when a second of latency is fine."""
     outbox_max_bytes: int = Field(default=64 * 2**20, ge=2**16)
     """Bound of the outbox of unacknowledged messages."""
     outbox_full: Literal["drop_oldest", "stop_reading"] = "drop_oldest"
@@ -100,7 +105,16 @@ class DatabaseConfig(Model):
     path: Path = Path("tpo-edge.sqlite")
     """File of the SQLite store."""
     batch_points: int = Field(default=5000, ge=1, le=100_000)
-    flush_interval_s: float = Field(default=1.0, gt=0, le=60)
+    """Ingest writes a batch as soon as it holds this many points..."""
+    flush_interval_s: float = Field(default=0.02, gt=0, le=60)
+    """...or when it has been collecting this long. Under load batches fill up first
+    (``batch_points`` amortises the write); at low rates this bounds the wait, and sets
+    how many (small) writes a second the database takes: 1/interval per worker. Raise it
+    (0.5-1 s) for a database that struggles with many small writes when latency matters
+    less; the default keeps the platform's p99 under 100 ms (with ``batch_max_age_s``)."""
+    writes_in_flight: int = Field(default=2, ge=1, le=16)
+    """Batches ingest writes at once, while it collects the next; messages are still
+    acknowledged in order, each only after its own batch (and every earlier one) is stored."""
     gzip: bool = True
 
     @model_validator(mode="after")

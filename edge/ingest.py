@@ -3,9 +3,12 @@
 It subscribes with a persistent MQTT 5 session and manual acknowledgement, so
 the broker keeps and redelivers anything the service had not stored when it
 stopped or crashed. Messages are decoded, encoded as line protocol and
-collected until about ``batch_points`` points or ``flush_interval_s``; the
-batch is written to the sink (which retries with capped backoff), and only
-then are its messages acknowledged. Replays are harmless: a point is
+collected until about ``batch_points`` points (written at once) or
+``flush_interval_s``; the batch is written to the sink (which retries with
+capped backoff), and only then are its messages acknowledged. Writes are
+pipelined: the next batch is collected while up to ``writes_in_flight`` earlier
+ones are being written, and acknowledgements go out in batch order, each only
+after its own write and every earlier one. Replays are harmless: a point is
 identified by measurement, tags and timestamp, so a replay overwrites itself.
 
 With ``ingest.spool_dir`` set, a batch the database does not take within
@@ -30,13 +33,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import orjson
@@ -50,6 +54,8 @@ from edge.spool import Spool
 from pipelines.histogram import ExpHistogram
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy.typing as npt
 
     from edge.config import SiteConfig
@@ -95,6 +101,9 @@ class IngestStats:
     """Largest ingest lag (decode time - ts_receive) since the last self-metrics point."""
     stored_latency_ms: ExpHistogram = field(default_factory=ExpHistogram)
     """ts_receive at the agent -> written to the database, per sample (platform latency)."""
+    arrival_latency_ms: ExpHistogram = field(default_factory=ExpHistogram)
+    """ts_receive at the agent -> decoded here, per sample: the agent's and the broker's
+    share of the platform latency (the rest is ingest's batching and the write)."""
     spooled_points: int = 0
     drained_points: int = 0
     drain_s: float = 0.0
@@ -103,24 +112,55 @@ class IngestStats:
     """Link KPI messages waiting for their window's merge before they are acknowledged."""
 
 
+@functools.lru_cache(maxsize=4096)
+def _signal_tag_sets(
+    site: str, area: str, device: str, channels: tuple[str, ...]
+) -> tuple[str, ...]:
+    """The escaped tag set of each channel of a device (a device sends the same ones again)."""
+    return tuple(
+        lp.tag_set({"site": site, "area": area, "device": device, "channel": name})
+        for name in channels
+    )
+
+
 def samples_to_lines(msg: wire.DecodedSamples) -> lp.Encoded:
     """Line protocol for the ``signal`` measurement of one decoded samples message."""
-    tag_sets = [
-        lp.tag_set({"site": msg.site, "area": msg.area, "device": msg.device, "channel": name})
-        for name in msg.channels
-    ]
-    ts = np.where(msg.ts_source == INT_ABSENT, msg.ts_receive, msg.ts_source)
-    seq = np.where(msg.seq < 0, INT_ABSENT, msg.seq)
+    return signal_lines([msg])
+
+
+def signal_lines(msgs: Sequence[wire.DecodedSamples]) -> lp.Encoded:
+    """Line protocol for the ``signal`` measurement of several decoded samples messages.
+
+    One encode for all of them: the vectorised encoder's fixed cost per call is paid once
+    per batch instead of once per message.
+    """
+    tag_sets: list[str] = []
+    offset: dict[tuple[str, ...], int] = {}
+    groups = []
+    for msg in msgs:
+        tags = _signal_tag_sets(msg.site, msg.area, msg.device, msg.channels)
+        at = offset.get(tags)
+        if at is None:
+            at = offset[tags] = len(tag_sets)
+            tag_sets.extend(tags)
+        groups.append(msg.ch.astype(np.intp) + at)
+    if not msgs:
+        return lp.Encoded(b"", 0, 0)
+
+    def cat(name: str) -> npt.NDArray[Any]:
+        return np.concatenate([getattr(m, name) for m in msgs])
+
+    ts_source, ts_receive, seq = cat("ts_source"), cat("ts_receive"), cat("seq")
     return lp.encode(
         "signal",
         tag_sets,
-        msg.ch,
-        ts,
-        float_fields={"value": msg.value},
+        np.concatenate(groups),
+        np.where(ts_source == INT_ABSENT, ts_receive, ts_source),
+        float_fields={"value": cat("value")},
         int_fields={
-            "quality": msg.quality.astype(np.int64),
-            "seq": seq,
-            "received_ns": msg.ts_receive,
+            "quality": cat("quality").astype(np.int64),
+            "seq": np.where(seq < 0, INT_ABSENT, seq),
+            "received_ns": ts_receive,
         },
         int_absent=INT_ABSENT,
     )
@@ -189,14 +229,35 @@ class _Batch:
     hold: list[tuple[tuple[int, float], Message]] = field(default_factory=list)
     """Link KPI messages: acknowledged once their window's merge is stored."""
     ts_receive: list[npt.NDArray[np.int64]] = field(default_factory=list)
+    samples: list[wire.DecodedSamples] = field(default_factory=list)
+    """Samples messages, encoded together when the batch is written (counted in points)."""
+    arrival_ms: list[npt.NDArray[np.float64]] = field(default_factory=list)
+    """Per message: ts_receive -> decoded here; recorded once per batch."""
 
     def add(self, encoded: lp.Encoded) -> None:
         if encoded.lines:
             self.chunks.append(encoded.data)
             self.points += encoded.lines
 
+    def encode(self) -> tuple[bytes, int]:
+        """The whole batch as line protocol, and its number of lines."""
+        points = self.points - sum(len(m) for m in self.samples)
+        encoded = signal_lines(self.samples)
+        return b"".join([encoded.data, *self.chunks]), points + encoded.lines
+
     def empty(self) -> bool:
         return not (self.ack or self.hold or self.points)
+
+
+@dataclass
+class _Write:
+    """A flushed batch on its way to the database.
+
+    Its messages are acknowledged once it and every earlier batch are stored.
+    """
+
+    task: asyncio.Task[None]
+    ack: list[Message]
 
 
 class Ingest:
@@ -222,6 +283,8 @@ class Ingest:
         self._db_up.set()
         self._spool_filled = asyncio.Event()
         self._held: dict[tuple[int, float], list[Message]] = {}
+        self._writes: deque[_Write] = deque()
+        """Writes in flight, oldest first; acknowledged in this order."""
         self._hold_due_ns = round((site.kpi.allowed_lateness_s + 5.0 + KPI_HOLD_SLACK_S) * NS_PER_S)
         self._next_metrics = 0.0
 
@@ -259,9 +322,11 @@ class Ingest:
             "agent_metrics": s.agent_metrics,
             "kpi_held": s.kpi_held,
         }
-        if s.stored_latency_ms.n:
-            for label, q in (("p50", 0.5), ("p99", 0.99)):
-                out[f"stored_latency_{label}_ms"] = s.stored_latency_ms.quantile(q)
+        for name, hist in (("stored", s.stored_latency_ms), ("arrival", s.arrival_latency_ms)):
+            if hist.n:
+                p50, p99 = hist.quantiles([0.5, 0.99])
+                out[f"{name}_latency_p50_ms"] = float(p50)
+                out[f"{name}_latency_p99_ms"] = float(p99)
         for reason, n in s.rejected.items():
             out[f"rejected.{_metric_name(reason)}"] = n
         if self.spool is not None:
@@ -310,34 +375,75 @@ class Ingest:
     async def _consume(self, backbone: Backbone) -> None:
         cfg = self.site.database
         loop = asyncio.get_running_loop()
+        queue = backbone.messages
         batch = _Batch()
         deadline = loop.time() + cfg.flush_interval_s
         self._next_metrics = loop.time() + self.site.agent.metrics_interval_s
         stopping = asyncio.ensure_future(self._stopping.wait())
         try:
             while True:
-                timeout = max(0.0, deadline - loop.time())
-                getter = asyncio.ensure_future(backbone.messages.get())
-                done, _ = await asyncio.wait(
-                    {getter, stopping}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
-                )
-                if getter in done:
-                    self._take(getter.result(), batch)
-                else:
-                    getter.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await getter
-                    if getter.done() and not getter.cancelled():
-                        backbone.messages.put_nowait(getter.result())
-                if batch.points >= cfg.batch_points or loop.time() >= deadline or stopping in done:
-                    final = stopping in done and backbone.messages.empty()
+                # Everything already received joins the batch without a wait per message.
+                while batch.points < cfg.batch_points and not queue.empty():
+                    self._take(queue.get_nowait(), batch)
+                if batch.points >= cfg.batch_points or loop.time() >= deadline or stopping.done():
+                    final = stopping.done() and queue.empty()
                     await self._flush(backbone, batch, final=final)
                     batch = _Batch()
                     deadline = loop.time() + cfg.flush_interval_s
-                if stopping in done and backbone.messages.empty():
-                    return
+                    if final:
+                        await self._settle(backbone, 0)
+                        return
+                    continue
+                await self._wait(queue, batch, stopping, deadline - loop.time())
+                self._ack_written(backbone)
         finally:
             stopping.cancel()
+            # Leaving early (cancelled, or a write failed for good): what is still in flight
+            # stays unacknowledged, so the broker delivers it again.
+            for write in self._writes:
+                write.task.cancel()
+            for write in self._writes:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await write.task
+            self._writes.clear()
+
+    async def _wait(
+        self,
+        queue: asyncio.Queue[Message],
+        batch: _Batch,
+        stopping: asyncio.Future[Any],
+        wait_s: float,
+    ) -> None:
+        """Wait for a message, the flush deadline, the stop or the oldest write to finish."""
+        getter = asyncio.ensure_future(queue.get())
+        waits: set[asyncio.Future[Any]] = {getter, stopping}
+        if self._writes:
+            waits.add(self._writes[0].task)
+        done, _ = await asyncio.wait(
+            waits, timeout=max(0.0, wait_s), return_when=asyncio.FIRST_COMPLETED
+        )
+        if getter in done:
+            self._take(getter.result(), batch)
+            return
+        getter.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await getter
+        if getter.done() and not getter.cancelled():
+            self._take(getter.result(), batch)
+
+    def _ack_written(self, backbone: Backbone) -> None:
+        """Acknowledge finished writes, oldest first, stopping at the first still in flight."""
+        while self._writes and self._writes[0].task.done():
+            write = self._writes.popleft()
+            write.task.result()  # a failed write raises: its messages stay unacknowledged
+            for message in write.ack:
+                backbone.ack(message)
+
+    async def _settle(self, backbone: Backbone, keep: int) -> None:
+        """Wait until at most ``keep`` writes are in flight, acknowledging as they finish."""
+        while len(self._writes) > keep:
+            await asyncio.wait({self._writes[0].task})
+            self._ack_written(backbone)
 
     def _take(self, message: Message, batch: _Batch) -> None:
         self.stats.messages += 1
@@ -374,13 +480,21 @@ class Ingest:
             names = f"{decoded.site}/{decoded.area}/{decoded.device}"
             batch.add(self._reject(message, f"topic does not match the payload's {names}"))
             return
-        batch.add(samples_to_lines(decoded))
+        try:
+            _signal_tag_sets(decoded.site, decoded.area, decoded.device, decoded.channels)
+        except ValueError as exc:
+            batch.add(self._reject(message, f"{exc}"))
+            return
+        batch.samples.append(decoded)
+        batch.points += len(decoded)
         self.stats.samples += len(decoded)
         dev = (decoded.area, decoded.device)
         self.stats.per_device[dev] += len(decoded)
         if len(decoded):
             batch.ts_receive.append(decoded.ts_receive)
-            lag_ms = (time.time_ns() - int(decoded.ts_receive.max())) / 1e6
+            now = time.time_ns()
+            batch.arrival_ms.append((now - decoded.ts_receive) / 1e6)
+            lag_ms = (now - int(decoded.ts_receive.max())) / 1e6
             self.stats.last_lag_ms[dev] = lag_ms
             self.stats.lag_ms_max = max(self.stats.lag_ms_max, lag_ms)
 
@@ -405,7 +519,12 @@ class Ingest:
         return deadletter_line(self.site.site, message.topic, reason, len(message.payload))
 
     async def _flush(self, backbone: Backbone, batch: _Batch, *, final: bool) -> None:
-        """Merge due KPI windows, store the batch, then acknowledge what it made durable."""
+        """Merge due KPI windows and start storing the batch, waiting for a free write slot.
+
+        Its messages are acknowledged once it and every earlier batch are stored.
+        """
+        if batch.arrival_ms:
+            self.stats.arrival_latency_ms.record(np.concatenate(batch.arrival_ms))
         now = time.time_ns()
         merger = self.kpi.merger
         merged_points = merger.flush() if final else merger.due(now)
@@ -418,20 +537,35 @@ class Ingest:
             self.stats.write_ms_max = self.stats.lag_ms_max = 0.0
         for key, message in batch.hold:
             self._held.setdefault(key, []).append(message)
-        if batch.points:
-            direct = await self._commit(b"".join(batch.chunks), batch.points)
-            if direct and batch.ts_receive:
-                stored_ns = time.time_ns()
-                ts = np.concatenate(batch.ts_receive)
-                self.stats.stored_latency_ms.record((stored_ns - ts) / 1e6)
-        for message in batch.ack:
-            backbone.ack(message)
+        ack = batch.ack
         for key in list(self._held):
             end = key[0] + round(key[1] * NS_PER_S)
             if final or key in merged or now >= end + self._hold_due_ns:
-                for message in self._held.pop(key):
-                    backbone.ack(message)
+                ack.extend(self._held.pop(key))  # after this batch, which holds the merge
         self.stats.kpi_held = sum(len(v) for v in self._held.values())
+        if not batch.points:
+            if not self._writes:
+                for message in ack:
+                    backbone.ack(message)
+                return
+            if not ack:
+                return
+        else:
+            # A free slot first: at most writes_in_flight batches are written at once.
+            await self._settle(backbone, self.site.database.writes_in_flight - 1)
+        task = asyncio.create_task(self._store(batch), name="ingest.write")
+        self._writes.append(_Write(task, ack))
+
+    async def _store(self, batch: _Batch) -> None:
+        """Write one batch (database or spool); record the platform latency of its samples."""
+        if not batch.points:
+            return
+        data, points = batch.encode()
+        direct = await self._commit(data, points)
+        if direct and batch.ts_receive:
+            stored_ns = time.time_ns()
+            ts = np.concatenate(batch.ts_receive)
+            self.stats.stored_latency_ms.record((stored_ns - ts) / 1e6)
 
     # -- storing ---------------------------------------------------------------------------
 
