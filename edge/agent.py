@@ -123,6 +123,9 @@ class Agent:
         self._tasks: list[asyncio.Task[None]] = []
         self._status_topic: str | None = None
         self.started = asyncio.Event()
+        self.sources_ready = asyncio.Event()
+        """Set once every source has connected (subscribed, for pushed sources) at least once."""
+        self._connected_once: set[str] = set()
 
     # -- topics --------------------------------------------------------------------------
 
@@ -241,6 +244,9 @@ class Agent:
             if attempt:
                 log.info("%s: connected after %d attempts", name, attempt)
             attempt = 0
+            self._connected_once.add(name)
+            if len(self._connected_once) == len(self.drivers):
+                self.sources_ready.set()
             try:
                 if driver.polled:
                     await self._poll(driver)

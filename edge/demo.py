@@ -112,7 +112,8 @@ class Demo:
             agent = Agent(site)
             agent_task = asyncio.create_task(agent.run(), name="demo.agent")
             await asyncio.wait_for(agent.started.wait(), 15)
-            await asyncio.sleep(1.0)  # let every source connect and subscribe
+            # Every source connected (pushed ones subscribed) before the campus produces.
+            await asyncio.wait_for(agent.sources_ready.wait(), 30)
             t0 = time.monotonic()
             campus.resume()
             await self._watch(agent, ingest, t0, live=live)

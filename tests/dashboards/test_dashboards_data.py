@@ -102,7 +102,7 @@ async def _run_campus(broker: Mosquitto, influxd: Influxd, workdir: Path) -> Non
         agent = Agent(site)
         agent_task = asyncio.create_task(agent.run())
         await asyncio.wait_for(agent.started.wait(), 10)
-        await asyncio.sleep(1.0)  # every source connected and subscribed
+        await asyncio.wait_for(agent.sources_ready.wait(), 30)  # connected and subscribed
         campus.resume()
         await asyncio.sleep(RUN_S)
         campus.pause()

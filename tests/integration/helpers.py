@@ -43,6 +43,8 @@ async def running_platform(
     agent = Agent(site)
     agent_task = asyncio.create_task(agent.run())
     await asyncio.wait_for(agent.started.wait(), 10)
+    # Pushed sources must be subscribed before a test's simulator sends its first message.
+    await asyncio.wait_for(agent.sources_ready.wait(), 20)
     try:
         yield agent, ingest
     finally:

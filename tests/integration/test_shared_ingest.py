@@ -76,6 +76,7 @@ async def test_two_workers_one_killed_lose_nothing_and_merge_exactly(
             await w.start()
         agent_task = asyncio.create_task(agent.run())
         await asyncio.wait_for(agent.started.wait(), 10)
+        await asyncio.wait_for(agent.sources_ready.wait(), 20)  # subscribed before the benches talk
         await field.start()
         await asyncio.sleep(3.0)
         workers[0].kill()  # mid-run, with messages received and not yet written
