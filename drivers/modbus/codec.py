@@ -348,7 +348,10 @@ def _group_values(group: _Group, wire: npt.NDArray[np.uint8]) -> npt.NDArray[np.
     raw = wire[group.byte_index].view(group.dtype)[:, 0]
     if group.bits is not None:
         raw = (raw >> group.bits) & 1
-    values = raw.astype(np.float64)
+    # Registers may hold a signalling NaN (a wrong word order, an unset meter): widening it
+    # to float64 raises the FPU's "invalid" flag, which is expected here, not an error.
+    with np.errstate(invalid="ignore"):
+        values = raw.astype(np.float64)
     if group.identity:
         return values
     return values * group.scale + group.offset
