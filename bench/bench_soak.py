@@ -9,7 +9,17 @@ VmRSS from /proc; at the end it prints the series, the slope of a least-squares 
 second half (KiB/min; the first half holds the warm-up: imports, KPI windows filling, outbox
 high-water mark) and whether the stored sample count equals the simulated one.
 
+``--rate N`` (architecture target: 10 min at 20 k samples/s, RSS flat, outbox bounded) runs the
+full path at a high rate instead of the campus: bench_e2e.py's Modbus simulator processes (120
+float32 channels each, polled at units x 120 / N s) -> ``python -m edge agent`` -> mosquitto ->
+``python -m edge ingest`` -> influxd, all in their own processes. Every ``--sample-s`` seconds it
+records the agent's and ingest's VmRSS and the agent's ``outbox_bytes`` (its tpo.metrics/1
+self-metrics, subscribed on MQTT once a second, the max in each interval); at the end the agent
+stops and the stored count must equal the samples it published, counted on the broker by a
+subscriber (the agent sends no metrics on the way out, so its own counter lags by up to 1 s).
+
     .venv/bin/python bench/bench_soak.py [--minutes 10] [--sample-s 10] [--durable]
+    .venv/bin/python bench/bench_soak.py --rate 20000 [--units 4] [--minutes 10]
 """
 
 from __future__ import annotations
@@ -17,6 +27,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
+import multiprocessing as mp
 import os
 import secrets
 import signal
@@ -27,10 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import paho.mqtt.client as mqtt
 import yaml
+from bench_e2e import CHANNELS, _serve, site_for
 
 from edge.config import load_site
 from edge.demo import example_scenario_path, example_site_path
+from edge.payload import decode_samples
 from edge.services import Influxd, Mosquitto
 from sim.campus import Campus, load_scenario
 from sim.truth import GroundTruth
@@ -177,6 +192,215 @@ async def soak(
         broker.stop()
 
 
+class Sims:
+    """bench_e2e.py's Modbus simulators (one unit of 120 float32 channels each) in processes."""
+
+    def __init__(self, units: int) -> None:
+        """Start ``units`` simulator processes; their ports are in :attr:`ports`."""
+        ctx = mp.get_context("spawn")
+        self.pipes: list[Any] = []  # kept open: _serve exits when its pipe is sent to or closed
+        self.procs: list[Any] = []
+        self.ports: list[int] = []
+        for _ in range(units):
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+            proc.start()
+            self.pipes.append(parent)
+            self.procs.append(proc)
+            self.ports.append(parent.recv())
+
+    def stop(self) -> None:
+        """Stop every simulator at once (idempotent): SIGTERM, as a graceful close can hang."""
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.terminate()
+        for proc in self.procs:
+            proc.join(5)
+
+
+class AgentMetrics:
+    """The agent's tpo.metrics/1 self-metrics (latest, outbox maxima) and its samples, on MQTT."""
+
+    def __init__(self, host: str, port: int, site: str, agent: str) -> None:
+        """Subscribe to ``tpo/v1/{site}/_agent/{agent}/metrics`` (paho, its own thread)."""
+        self.agent = agent
+        self.latest: dict[str, float] = {}
+        self.interval_max_outbox = 0.0
+        self.max_outbox = 0.0
+        self.messages = 0
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="soak-metrics")
+        topic = f"tpo/v1/{site}/_agent/+/metrics"
+        data = f"tpo/v1/{site}/+/+/data"
+        self.batches: dict[tuple[str, int], int] = {}  # (device, batch_seq) -> samples
+        self.client.on_connect = lambda c, *_: c.subscribe([(topic, 0), (data, 1)])
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+
+    def samples_seen(self) -> int:
+        """Samples published by the agent as observed on the broker (duplicates counted once)."""
+        return sum(self.batches.values())
+
+    def _on_message(self, _c: Any, _u: Any, msg: Any) -> None:
+        if msg.topic.endswith("/data"):
+            batch = decode_samples(msg.payload)
+            self.batches[batch.device, batch.batch_seq] = len(batch)
+            return
+        doc = json.loads(msg.payload)
+        if doc.get("schema") != "tpo.metrics/1" or doc.get("agent") != self.agent:
+            return
+        self.latest = doc["metrics"]
+        self.messages += 1
+        nbytes = float(self.latest.get("outbox_bytes") or 0)
+        self.interval_max_outbox = max(self.interval_max_outbox, nbytes)
+        self.max_outbox = max(self.max_outbox, nbytes)
+
+    def take_interval_max(self) -> float:
+        """Max outbox bytes since the previous call."""
+        out, self.interval_max_outbox = self.interval_max_outbox, 0.0
+        return out
+
+    def close(self) -> None:
+        """Disconnect and stop the network thread."""
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+async def soak_rate(
+    work: Path, minutes: float, sample_s: float, rate: float, units: int, *, durable: bool
+) -> dict[str, Any]:
+    """The full path at ``rate`` samples/s for ``minutes``; returns the series and the counts."""
+    os.environ.setdefault("TPO_SITE_SECRET", secrets.token_hex(32))  # children inherit it
+    sims = Sims(units)
+    broker = Mosquitto(work / "mosquitto").start()
+    influxd = Influxd(work / "influxd").start()
+    interval_s = units * CHANNELS / rate
+    site = site_for(sims.ports, interval_s, broker.port, influxd.url, {"durable": durable}, work)
+    site_file = work / "site.yaml"
+    site_file.write_text(yaml.safe_dump(site.model_dump(mode="json", exclude_none=True)))
+    agent_id = site.agent.id
+    procs: list[asyncio.subprocess.Process] = []
+    metrics: AgentMetrics | None = None
+    try:
+        ingest = await _spawn(work, "ingest", "ingest", "-c", str(site_file), "--client-id", "soak")
+        procs.append(ingest)
+        await _wait_log(work, "ingest", "ready", ingest)
+        metrics = AgentMetrics(broker.host, broker.port, site.site, agent_id)
+        agent = await _spawn(work, "agent", "agent", "-c", str(site_file))
+        procs.append(agent)
+        await _wait_log(work, "agent", " online at ", agent)
+        t0 = time.monotonic()
+        rows: list[dict[str, float]] = []
+
+        def sample() -> dict[str, float]:
+            published = float(metrics.latest.get("samples_published", 0)) if metrics else 0.0
+            return {
+                "t": time.monotonic() - t0,
+                "agent": memory_kib(agent.pid)["VmRSS"],
+                "ingest": memory_kib(ingest.pid)["VmRSS"],
+                "outbox": metrics.take_interval_max() if metrics else 0.0,
+                "published": published,
+            }
+
+        rows.append(sample())
+        print(f"agent pid {agent.pid}, ingest pid {ingest.pid}; offered {rate:,.0f}/s", flush=True)
+        end = t0 + minutes * 60
+        while (now := time.monotonic()) < end:
+            await asyncio.sleep(min(sample_s, end - now))
+            for name, proc in (("agent", agent), ("ingest", ingest)):
+                if proc.returncode is not None:
+                    msg = f"{name} exited with {proc.returncode}; see {work}/{name}.log"
+                    raise RuntimeError(msg)
+            row = sample()
+            prev = rows[-1]
+            rate_now = (row["published"] - prev["published"]) / max(row["t"] - prev["t"], 1e-9)
+            rows.append(row)
+            print(
+                f"t={row['t']:5.0f} s agent {row['agent']:,} KiB, ingest {row['ingest']:,} KiB,"
+                f" outbox max {row['outbox']:,.0f} B, published {row['published']:,.0f}"
+                f" ({rate_now:,.0f}/s)",
+                flush=True,
+            )
+        # From the first sample on: the agent's first metrics message may come after t=0.
+        sustained = (rows[-1]["published"] - rows[1]["published"]) / max(
+            rows[-1]["t"] - rows[1]["t"], 1e-9
+        )
+        # The agent publishes BAD samples while a source is down, so stopping the simulators
+        # does not freeze its count, and it sends no metrics on the way out: the published
+        # count is the one observed on the broker (unique (device, batch_seq), QoS 1).
+        await _stop(agent)
+        await asyncio.sleep(1.0)
+        seen, last = -1, time.monotonic()
+        while time.monotonic() - last < 3:
+            await asyncio.sleep(0.5)
+            if metrics.samples_seen() != seen:
+                seen, last = metrics.samples_seen(), time.monotonic()
+        published = seen
+        deadline, stored, stall, prev_stored = time.monotonic() + 180, 0, time.monotonic(), -1
+        while time.monotonic() < deadline:
+            stored = await asyncio.to_thread(stored_count, influxd)
+            if stored != prev_stored:
+                prev_stored, stall = stored, time.monotonic()
+            if stored >= published or time.monotonic() - stall > 30:
+                break
+            await asyncio.sleep(1.0)
+        return {
+            "rows": rows,
+            "published": published,
+            "agent_published": int(metrics.latest.get("samples_published", 0)),
+            "stored": stored,
+            "sustained": sustained,
+            "max_outbox": metrics.max_outbox,
+            "outbox_cap": float(site.agent.outbox_max_bytes),
+            "drops": {k: v for k, v in metrics.latest.items() if k.startswith("drops.")},
+            "outbox_dropped_samples": metrics.latest.get("outbox_dropped_samples", 0),
+        }
+    finally:
+        for proc in reversed(procs):
+            await _stop(proc)
+        if metrics is not None:
+            metrics.close()
+        sims.stop()
+        influxd.stop()
+        broker.stop()
+
+
+def report_rate(r: dict[str, Any]) -> bool:
+    """Print the series, second-half RSS slopes, outbox max vs cap, stored vs published."""
+    rows: list[dict[str, float]] = r["rows"]
+    t_s = [row["t"] for row in rows]
+    second = [i for i, t in enumerate(t_s) if t >= t_s[-1] / 2]
+    print()
+    print("t_s " + " ".join(f"{t:.0f}" for t in t_s))
+    for name in ("agent", "ingest"):
+        kib = [int(row[name]) for row in rows]
+        slope = slope_kib_per_min([t_s[i] for i in second], [kib[i] for i in second])
+        print(f"{name}_VmRSS_KiB " + " ".join(str(k) for k in kib))
+        print(
+            f"{name} VmRSS: start {kib[0]:,} KiB, min {min(kib):,}, max {max(kib):,},"
+            f" end {kib[-1]:,} KiB; second-half slope {slope:+.1f} KiB/min"
+            f" over {len(second)} samples"
+        )
+    print("outbox_max_bytes " + " ".join(f"{row['outbox']:.0f}" for row in rows))
+    cap = r["outbox_cap"]
+    print(
+        f"outbox bytes: max {r['max_outbox']:,.0f} of cap {cap:,.0f}"
+        f" ({r['max_outbox'] / cap:.2%}); dropped samples {r['outbox_dropped_samples']},"
+        f" drops {r['drops'] or 'none'}"
+    )
+    print(f"sustained {r['sustained']:,.0f} samples/s (agent samples_published)")
+    print(
+        f"agent samples_published in its last metrics message {r['agent_published']:,}"
+        f" (up to 1 s before it stopped)"
+    )
+    ok = bool(r["published"]) and r["stored"] == r["published"]
+    print(
+        f"published (seen on the broker) {r['published']:,}, stored {r['stored']:,}:"
+        f" {'stored == published' if ok else 'MISMATCH'}"
+    )
+    return ok
+
+
 def _fmt(kib: dict[str, int]) -> str:
     return ", ".join(f"{k} {v:,} KiB" for k, v in kib.items())
 
@@ -191,11 +415,24 @@ def main() -> None:
     ap.add_argument(
         "--only", default="", help="comma list of source types to run (modbus,opcua,mqtt)"
     )
+    ap.add_argument(
+        "--rate", type=float, help="full path at this many samples/s (Modbus sims, not the campus)"
+    )
+    ap.add_argument("--units", type=int, default=4, help="simulator processes with --rate")
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="tpo-bench-soak-"))
     try:
         only = {t for t in args.only.split(",") if t} or None
-        r = asyncio.run(soak(work, args.minutes, args.sample_s, durable=args.durable, only=only))
+        if args.rate:
+            rr = asyncio.run(
+                soak_rate(
+                    work, args.minutes, args.sample_s, args.rate, args.units, durable=args.durable
+                )
+            )
+        else:
+            r = asyncio.run(
+                soak(work, args.minutes, args.sample_s, durable=args.durable, only=only)
+            )
     finally:
         if not args.keep:
             import shutil  # noqa: PLC0415
@@ -203,6 +440,10 @@ def main() -> None:
             shutil.rmtree(work, ignore_errors=True)
         else:
             print(f"work dir kept: {work}")
+    if args.rate:
+        if not report_rate(rr):
+            sys.exit(1)
+        return
     series: list[tuple[float, dict[str, int]]] = r["series"]
     t_s = [t for t, _ in series]
     second = [i for i, t in enumerate(t_s) if t >= t_s[-1] / 2]
