@@ -43,22 +43,19 @@ def site() -> SiteConfig:
 
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory: pytest.TempPathFactory, site: SiteConfig) -> dict[str, Any]:
-    """``secrets init`` (with the simulator account) and, if present, ``dashboards build``."""
+    """``secrets init`` (with the simulator account) and ``dashboards build``."""
     root = tmp_path_factory.mktemp("stack")
     result = init_secrets(site, root / "secrets", root / ".env", sim=True)
     grafana = root / "deploy" / "grafana"
-    built = False
-    if "dashboards" in typer.main.get_command(app).commands:  # type: ignore[attr-defined]
-        out = subprocess.run(
-            [sys.executable, "-m", "edge", "dashboards", "build", "--out", str(grafana)],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        assert out.returncode == 0, out.stderr
-        built = True
-    return {"root": root, "result": result, "grafana": grafana, "built": built}
+    out = subprocess.run(
+        [sys.executable, "-m", "edge", "dashboards", "build", "--out", str(grafana)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    return {"root": root, "result": result, "grafana": grafana}
 
 
 def _host_path(source: str, generated: dict[str, Any]) -> Path | None:
@@ -71,8 +68,6 @@ def _host_path(source: str, generated: dict[str, Any]) -> Path | None:
     if rel.parts[0] == "secrets":
         return Path(generated["root"]) / rel
     if rel.parts[:2] == ("deploy", "grafana") and len(rel.parts) > 2:
-        if not generated["built"]:
-            pytest.skip("`tpo-edge dashboards build` does not exist yet")
         return Path(generated["grafana"]).joinpath(*rel.parts[2:])
     return REPO / rel
 
@@ -113,8 +108,6 @@ def test_every_mounted_path_exists(compose: dict[str, Any], generated: dict[str,
 def test_grafana_provisioning_points_at_the_mounted_dashboards(
     compose: dict[str, Any], generated: dict[str, Any]
 ) -> None:
-    if not generated["built"]:
-        pytest.skip("`tpo-edge dashboards build` does not exist yet")
     mounts = dict(_mounts(compose["services"]["grafana"]))
     dash_target = mounts["./deploy/grafana/dashboards"]
     providers = list((Path(generated["grafana"]) / "provisioning" / "dashboards").glob("*.y*ml"))
@@ -136,8 +129,6 @@ def test_grafana_provisioning_points_at_the_mounted_dashboards(
 def test_grafana_provisioning_variables_are_set(
     compose: dict[str, Any], generated: dict[str, Any]
 ) -> None:
-    if not generated["built"]:
-        pytest.skip("`tpo-edge dashboards build` does not exist yet")
     env = compose["services"]["grafana"]["environment"]
     provisioning = Path(generated["grafana"]) / "provisioning"
     used = set()

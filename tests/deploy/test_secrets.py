@@ -20,6 +20,7 @@ from edge.secrets import (
     verify_password,
 )
 from edge.services import find_binary
+from tests.conftest import require_binary
 from tests.deploy.helpers import REPO, field_site
 
 
@@ -32,9 +33,7 @@ def test_hash_matches_mosquitto_passwd(tmp_path: Path) -> None:
     assert ours.startswith("$7$101$")
     assert verify_password("s3cret", ours)
     assert not verify_password("s3cret!", ours)
-    binary = find_binary("mosquitto_passwd")
-    if binary is None:
-        pytest.skip("mosquitto_passwd not installed")
+    binary = require_binary("mosquitto_passwd", "mosquitto")
     pw = tmp_path / "pw"
     subprocess.run([binary, "-b", "-c", str(pw), "alice", "s3cret"], check=True)
     theirs = pw.read_text().strip().split(":", 1)[1]
