@@ -69,6 +69,19 @@ def memory_kib(pid: int) -> dict[str, int]:
     return fields
 
 
+def heap_kib(pid: int) -> int:
+    """RSS of the brk heap (``[heap]`` in /proc/PID/smaps) in KiB: where glibc malloc keeps
+    small and mid-sized blocks; Python's 1 MiB object arenas and large buffers are mmapped
+    outside it, so a heap that stays put while VmRSS steps points at arenas or big buffers."""
+    in_heap = False
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if not line[:1].isupper() or ":" not in line.split()[0]:
+            in_heap = line.rstrip().endswith("[heap]")
+        elif in_heap and line.startswith("Rss:"):
+            return int(line.split()[1])
+    return 0
+
+
 def slope_kib_per_min(t_s: list[float], rss: list[int]) -> float:
     """Least-squares slope of RSS over time, KiB per minute (0 with fewer than 2 points)."""
     if len(t_s) < 2:
@@ -86,9 +99,17 @@ def stored_count(influxd: Influxd) -> int:
     return int(values[0][1])
 
 
+MEMRAY: set[str] = set()
+"""Processes (``agent``, ``ingest``) to run under ``memray run --native`` (``--memray``)."""
+
+
 async def _spawn(work: Path, name: str, *argv: str) -> asyncio.subprocess.Process:
+    # memray (not a dependency: ``pip install memray``) records every native allocation with
+    # its stack, to find growth that tracemalloc cannot see (C extensions, pymalloc arenas).
+    profile = ("-m", "memray", "run", "--native", "-q", "-o", str(work / f"{name}.memray"))
     return await asyncio.create_subprocess_exec(
         sys.executable,
+        *(profile if name in MEMRAY else ()),
         "-m",
         "edge",
         *argv,
@@ -298,6 +319,8 @@ async def soak_rate(
                 "t": time.monotonic() - t0,
                 "agent": memory_kib(agent.pid)["VmRSS"],
                 "ingest": memory_kib(ingest.pid)["VmRSS"],
+                "agent_heap": heap_kib(agent.pid),
+                "ingest_heap": heap_kib(ingest.pid),
                 "outbox": metrics.take_interval_max() if metrics else 0.0,
                 "published": published,
             }
@@ -372,14 +395,23 @@ def report_rate(r: dict[str, Any]) -> bool:
     second = [i for i, t in enumerate(t_s) if t >= t_s[-1] / 2]
     print()
     print("t_s " + " ".join(f"{t:.0f}" for t in t_s))
-    for name in ("agent", "ingest"):
+    last_third = [i for i, t in enumerate(t_s) if t >= t_s[-1] * 2 / 3]
+    for name, label in (
+        ("agent", "agent VmRSS"),
+        ("ingest", "ingest VmRSS"),
+        ("agent_heap", "agent [heap]"),
+        ("ingest_heap", "ingest [heap]"),
+    ):
         kib = [int(row[name]) for row in rows]
         slope = slope_kib_per_min([t_s[i] for i in second], [kib[i] for i in second])
-        print(f"{name}_VmRSS_KiB " + " ".join(str(k) for k in kib))
+        slope3 = slope_kib_per_min([t_s[i] for i in last_third], [kib[i] for i in last_third])
+        half = [kib[i] for i in second]
+        print(f"{name}_KiB " + " ".join(str(k) for k in kib))
         print(
-            f"{name} VmRSS: start {kib[0]:,} KiB, min {min(kib):,}, max {max(kib):,},"
-            f" end {kib[-1]:,} KiB; second-half slope {slope:+.1f} KiB/min"
-            f" over {len(second)} samples"
+            f"{label}: start {kib[0]:,} KiB, min {min(kib):,}, max {max(kib):,},"
+            f" end {kib[-1]:,} KiB; slope second half {slope:+.1f} KiB/min"
+            f" ({len(second)} samples), last third {slope3:+.1f} KiB/min;"
+            f" second-half range {max(half) - min(half):,} KiB"
         )
     print("outbox_max_bytes " + " ".join(f"{row['outbox']:.0f}" for row in rows))
     cap = r["outbox_cap"]
@@ -419,7 +451,14 @@ def main() -> None:
         "--rate", type=float, help="full path at this many samples/s (Modbus sims, not the campus)"
     )
     ap.add_argument("--units", type=int, default=4, help="simulator processes with --rate")
+    ap.add_argument(
+        "--memray",
+        default="",
+        help="comma list of processes (agent,ingest) to record with memray (implies --keep)",
+    )
     args = ap.parse_args()
+    MEMRAY.update(n for n in args.memray.split(",") if n)
+    args.keep = args.keep or bool(MEMRAY)
     work = Path(tempfile.mkdtemp(prefix="tpo-bench-soak-"))
     try:
         only = {t for t in args.only.split(",") if t} or None

@@ -800,18 +800,28 @@ class LinkWindower:
     def _close_series(
         self, key: object, series: _Series, boundary: int, until_ns: int | None
     ) -> list[ClosedWindow]:
-        if series.pending:
+        # Rows arrive nearly in window order, so a chunk is usually all due or all pending:
+        # those move as they are, and only a chunk that straddles the boundary is split.
+        # Copying every pending row again on every advance churned the heap (a steady RSS
+        # creep of the agent) for nothing.
+        due_parts: list[tuple[IntArray, IntArray, IntArray, IntArray, IntArray]] = []
+        keep_parts: list[tuple[IntArray, IntArray, IntArray, IntArray, IntArray]] = []
+        for chunk in series.pending:
+            if int(chunk[0].max()) < boundary:
+                due_parts.append(chunk)
+            elif int(chunk[0].min()) >= boundary:
+                keep_parts.append(chunk)
+            else:
+                mask = chunk[0] < boundary
+                due_parts.append(_take(chunk, mask))
+                keep_parts.append(_take(chunk, ~mask))
+        series.pending = keep_parts
+        if due_parts:
             win, seq, t_send, t_recv, size = (
-                np.concatenate(parts) for parts in zip(*series.pending, strict=True)
+                np.concatenate(parts) for parts in zip(*due_parts, strict=True)
             )
         else:
             win = seq = t_send = t_recv = size = np.zeros(0, dtype=np.int64)
-        due = win < boundary
-        keep = ~due
-        series.pending = (
-            [(win[keep], seq[keep], t_send[keep], t_recv[keep], size[keep])] if keep.any() else []
-        )
-        win, seq, t_send, t_recv, size = win[due], seq[due], t_send[due], t_recv[due], size[due]
         first = series.next_window
         if first is None:
             if win.size == 0:
@@ -838,3 +848,11 @@ class LinkWindower:
             out.append(ClosedWindow(key, span[0], self.config.window_s, kpis))
         series.next_window = max(boundary, first)
         return out
+
+
+def _take(
+    chunk: tuple[IntArray, IntArray, IntArray, IntArray, IntArray], mask: npt.NDArray[np.bool_]
+) -> tuple[IntArray, IntArray, IntArray, IntArray, IntArray]:
+    """The rows of a pending chunk where ``mask`` holds."""
+    win, seq, t_send, t_recv, size = chunk
+    return win[mask], seq[mask], t_send[mask], t_recv[mask], size[mask]
