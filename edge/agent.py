@@ -6,12 +6,21 @@ One supervisor (``asyncio.TaskGroup``) runs named tasks:
   a failing source is retried with capped backoff and never stalls the others;
 * ``edge.batcher``: publishes a device's batch when it is full or old enough (it sleeps
   until the oldest open batch falls due, not on a fixed tick, so no batch waits longer);
-* ``edge.publisher``: moves outbox messages to the broker, freeing them on PUBACK;
+* ``edge.publisher``: moves outbox messages to the broker;
+* ``edge.confirm`` (``delivery: stored``): takes ingest's ``tpo.stored/1`` confirmations off
+  the agent's own ``.../_agent/{id}/stored`` topic, which free outbox messages, and publishes
+  again what stayed unconfirmed too long (see :mod:`edge.outbox`, :mod:`edge.confirm`);
+  every reconnect, and every ingest worker coming online, republishes what is unconfirmed;
 * ``edge.metrics``: publishes self-metrics.
 
 Reading never waits for the network: batches go into the bounded outbox.
 :meth:`Agent.stop` shuts down in order: sources finish the read in progress,
-batches are flushed, the outbox drains (bounded wait), clients close.
+batches are flushed, the outbox drains (bounded wait; with ``delivery: stored`` also for
+confirmations, while they keep coming), clients close.
+
+``batch_seq`` (in every samples and KPI message) starts above the outbox's last one and
+above the wall clock in microseconds, so a restarted agent never reuses a number, also
+without a durable outbox: ingest skips a number it has seen as a replay.
 """
 
 from __future__ import annotations
@@ -30,9 +39,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from drivers.base import Driver, DriverContext, SampleBatch, driver_class, now_ns
+from edge import confirm as stored
 from edge import payload as wire
-from edge.backbone import Backbone
-from edge.errors import SourceError
+from edge.backbone import Backbone, Message
+from edge.errors import DecodeError, SourceError
 from edge.kpi import KpiEngine
 from edge.outbox import OutboxItem, open_outbox
 from pipelines.histogram import ExpHistogram
@@ -46,9 +56,14 @@ log = logging.getLogger(__name__)
 
 BACKOFF_MIN_S = 0.5
 BACKOFF_MAX_S = 30.0
-LATENCY_STAGES = ("batch", "outbox", "ack", "total")
+LATENCY_STAGES = ("batch", "outbox", "ack", "total", "confirm")
 """Publish latency per stage, in ms: sample receipt -> outbox (batching), outbox -> handed to
-the client, handed -> PUBACK, and receipt -> PUBACK; percentiles per metrics interval."""
+the client, handed -> PUBACK, receipt -> PUBACK, and PUBACK -> ingest's stored confirmation
+(``delivery: stored``); percentiles per metrics interval."""
+SHUTDOWN_S = 15.0
+"""How long :meth:`Agent.stop` waits for the outbox to drain (and confirmations)."""
+SHUTDOWN_CONFIRM_IDLE_S = 2.0
+"""At shutdown, give up waiting for confirmations after this long without one."""
 
 
 def backoff(attempt: int, lo: float = BACKOFF_MIN_S, hi: float = BACKOFF_MAX_S) -> float:
@@ -115,8 +130,12 @@ class Agent:
         self._pending: dict[int, DeviceBatch] = {}
         self._batch_opened = asyncio.Event()
         """Set when a device batch opens: the batcher then has a due time to wait for."""
-        # Continues after a restart (the durable outbox remembers it): batch_seq stays increasing.
-        self._batch_seq = self.outbox.last_batch_seq
+        # Continues after a restart (the durable outbox remembers it), and starts above the
+        # clock in microseconds, so that a restart without the file never reuses a number.
+        self._batch_seq = max(self.outbox.last_batch_seq, time.time_ns() // 1000)
+        if self.kpi is not None:
+            self.kpi.next_seq = self._next_seq
+        self._confirms_seen = 0
         self._stopping = asyncio.Event()
         self._sources_done = asyncio.Event()
         self._backbone: Backbone | None = None
@@ -157,6 +176,11 @@ class Agent:
             password=self.site.broker.password(),
         )
         self._backbone = backbone
+        confirming = self.outbox.confirm
+        if confirming:
+            backbone.subscribe(stored.stored_topic(self.site.site, self.agent_id), qos=1)
+            backbone.subscribe(stored.ingest_status_topic(self.site.site, "+"), qos=1)
+            backbone.on_connect = self._republish_after_connect
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._connect_backbone(backbone, status_topic), name="edge.connect")
@@ -167,6 +191,9 @@ class Agent:
                 batcher = tg.create_task(self._batcher(), name="edge.batcher")
                 publisher = tg.create_task(self._publisher(backbone), name="edge.publisher")
                 metrics = tg.create_task(self._metrics(backbone), name="edge.metrics")
+                confirms = confirming and tg.create_task(
+                    self._confirmations(backbone), name="edge.confirm"
+                )
                 kpi = self.kpi and tg.create_task(self.kpi.run(self.outbox), name="edge.kpi")
                 self.started.set()
                 await self._stopping.wait()
@@ -180,14 +207,23 @@ class Agent:
                     kpi.cancel()
                     await self.kpi.drain(self.outbox)
                 # 3. outbox flush, bounded: what is not acknowledged by then is counted lost.
+                deadline = asyncio.get_running_loop().time() + SHUTDOWN_S
                 try:
-                    async with asyncio.timeout(15.0):
+                    async with asyncio.timeout_at(deadline):
                         await self.outbox.drained()
                 except TimeoutError:
-                    self.counters["shutdown_unacked_messages"] += self.outbox.depth
-                    log.warning("stopping with %d messages unacknowledged", self.outbox.depth)
+                    unacked = self.outbox.depth - self.outbox.unconfirmed
+                    self.counters["shutdown_unacked_messages"] += unacked
+                    log.warning("stopping with %d messages unacknowledged", unacked)
+                else:
+                    await self._await_confirmations(deadline)
+                if self.outbox.unconfirmed:
+                    # The broker has them; the durable outbox publishes them again next start.
+                    self.counters["shutdown_unconfirmed_messages"] += self.outbox.unconfirmed
                 publisher.cancel()
                 metrics.cancel()
+                if confirms:
+                    confirms.cancel()
                 if backbone.connected.is_set():
                     await _quietly(
                         backbone.publish(status_topic, self._status_payload("offline"), retain=True)
@@ -351,6 +387,10 @@ class Agent:
             if pending.parts and (force or pending.first_ns <= due):
                 await self._publish_device(dev)
 
+    def _next_seq(self) -> int:
+        self._batch_seq += 1
+        return self._batch_seq
+
     async def _publish_device(self, dev: int) -> None:
         pending = self._pending.pop(dev)
         batch = SampleBatch.concat(pending.parts)
@@ -358,18 +398,16 @@ class Agent:
         limit = self.site.agent.batch_max_samples
         for start in range(0, len(batch), limit):
             part = batch.take(slice(start, start + limit))
-            self._batch_seq += 1
+            seq = self._next_seq()
             # Payload (batch_seq, timestamps) fixed here and stored: a replay is identical.
-            data = wire.encode_samples(
-                part, self.table, agent_id=self.agent_id, batch_seq=self._batch_seq
-            )
+            data = wire.encode_samples(part, self.table, agent_id=self.agent_id, batch_seq=seq)
             topic = wire.device_topic(self.site.site, area, device, "data")
             item = OutboxItem(
                 topic,
                 data,
                 len(part),
                 received_ns=int(part.ts_receive.min()),
-                batch_seq=self._batch_seq,
+                batch_seq=seq,
             )
             await self.outbox.put(item)
             if item.received_ns and item.queued_ns:
@@ -402,8 +440,9 @@ class Agent:
             self.counters["publish_failures"] += 1
             asyncio.ensure_future(self.outbox.requeue(item))  # noqa: RUF006 - awaited via drained()
             return
-        self.counters["messages_published"] += 1
-        self.counters["samples_published"] += item.samples
+        if not item.acked_ns:  # a republished message was counted at its first PUBACK
+            self.counters["messages_published"] += 1
+            self.counters["samples_published"] += item.samples
         acked_ns = time.time_ns()
         if item.queued_ns:
             self._latency("outbox", (sent_ns - item.queued_ns) / 1e6)
@@ -411,6 +450,79 @@ class Agent:
         if item.received_ns:
             self._latency("total", (acked_ns - item.received_ns) / 1e6)
         asyncio.ensure_future(self.outbox.done(item))  # noqa: RUF006 - awaited via drained()
+
+    # -- delivery confirmation (delivery: stored) ---------------------------------------------
+
+    async def _confirmations(self, backbone: Backbone) -> None:
+        """Apply ingest's confirmations; republish what stayed unconfirmed too long."""
+        cfg = self.site.agent
+        own = stored.stored_topic(self.site.site, self.agent_id)
+        timeout_ns = round(cfg.confirm_timeout_s * 1e9)
+        cap_ns = round(cfg.confirm_timeout_max_s * 1e9)
+        tick_s = min(5.0, max(0.05, cfg.confirm_timeout_s / 4))
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + tick_s
+        while True:
+            try:
+                async with asyncio.timeout_at(next_check):
+                    message = await backbone.messages.get()
+            except TimeoutError:
+                n = await self.outbox.republish_due(time.time_ns(), timeout_ns, cap_ns)
+                if n:
+                    self.counters["republished_timeout"] += n
+                    log.info(
+                        "agent %s: %d messages unconfirmed too long; republished", self.agent_id, n
+                    )
+                next_check = loop.time() + tick_s
+                continue
+            if message.topic == own:
+                await self._confirmed(message)
+            elif (
+                message.topic.endswith("/status")
+                and not message.retain  # a retained one is old news, sent on subscribe
+                and stored.ingest_came_online(message.payload)
+            ):
+                await self._republish_all("ingest_online")
+
+    async def _confirmed(self, message: Message) -> None:
+        try:
+            ranges = stored.decode_stored(message.payload)
+        except DecodeError as exc:
+            self.counters["confirmations_invalid"] += 1
+            log.warning("agent %s: bad confirmation on %s: %s", self.agent_id, message.topic, exc)
+            return
+        self._confirms_seen += 1
+        items = await self.outbox.confirm_ranges(ranges)
+        now = time.time_ns()
+        buf = self._latency_buf["confirm"]
+        buf.extend((now - item.acked_ns) / 1e6 for item in items if item.acked_ns)
+        if len(buf) >= 4096:
+            self.flush_latency()
+
+    def _republish_after_connect(self) -> None:
+        """Backbone (re)connected: confirmations sent meanwhile are lost, so republish."""
+        task = asyncio.get_running_loop().create_task(self._republish_all("reconnect"))
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _republish_all(self, why: str) -> None:
+        n = await self.outbox.republish_all()
+        if n:
+            self.counters[f"republished_{why}"] += n
+            log.info("agent %s: %d unconfirmed messages republished (%s)", self.agent_id, n, why)
+
+    async def _await_confirmations(self, deadline: float) -> None:
+        """At shutdown: wait for confirmations while they keep coming (bounded)."""
+        if not self._confirms_seen:
+            return  # no ingest has confirmed anything: nobody to wait for
+        loop = asyncio.get_running_loop()
+        last, since = self.outbox.confirmed, loop.time()
+        while self.outbox.depth and loop.time() < deadline:  # republished ones count too
+            if self.outbox.confirmed != last:
+                last, since = self.outbox.confirmed, loop.time()
+            elif loop.time() - since > SHUTDOWN_CONFIRM_IDLE_S:
+                return
+            await asyncio.sleep(0.02)
 
     def _latency(self, stage: str, ms: float) -> None:
         buf = self._latency_buf[stage]
@@ -461,6 +573,10 @@ class Agent:
         out["outbox_durable"] = float(self.site.agent.outbox_dir is not None)
         out["outbox_replayed"] = getattr(self.outbox, "replayed", 0)
         out["outbox_dropped_samples"] = self.outbox.dropped_samples
+        out["outbox_unconfirmed"] = self.outbox.unconfirmed
+        out["republished_messages"] = self.outbox.republished
+        out["unconfirmed_evicted"] = self.outbox.evicted
+        out["confirmed_messages"] = self.outbox.confirmed
         for reason, n in self.outbox.drops.items():
             out[f"drops.{reason}"] = n
         if self._backbone is not None:

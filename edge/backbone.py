@@ -2,9 +2,10 @@
 
 paho runs its network loop in its own thread; its callbacks only hand events to
 the asyncio loop with ``call_soon_threadsafe``. Publishing returns a future that
-resolves on the broker's PUBACK (QoS 1), which is what the outbox waits for
-before it forgets a message. Subscribers may use manual acknowledgement: the
-broker redelivers anything not acknowledged when the session resumes.
+resolves on the broker's PUBACK (QoS 1), after which the outbox waits for ingest's
+confirmation (or, with ``delivery: broker``, forgets the message). Subscribers may use
+manual acknowledgement: the broker redelivers anything not acknowledged when the session
+resumes.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from paho.mqtt.properties import Properties
 from edge.errors import SinkError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from edge.config import BrokerConfig
 
 log = logging.getLogger(__name__)
@@ -69,6 +72,9 @@ class Backbone:
         # Bounded by the broker: it sends at most its receive-maximum of
         # unacknowledged QoS 1 messages, and we acknowledge only after storing.
         self.reconnects = 0
+        self.on_connect: Callable[[], object] | None = None
+        """Called on the event loop after every CONNACK (the first one too), once the
+        subscriptions are re-sent: what was unconfirmed may be published again."""
         self._loop = asyncio.get_running_loop()
         self._lock = threading.Lock()
         self._pending: dict[int, asyncio.Future[None]] = {}
@@ -235,6 +241,11 @@ class Backbone:
             self.connected.set()
             if not self._first_connect.done():
                 self._first_connect.set_result(None)
+            if self.on_connect is not None:
+                try:
+                    self.on_connect()
+                except Exception:
+                    log.exception("%s: on_connect hook failed", self.client_id)
         else:
             self.connected.clear()
 

@@ -78,7 +78,8 @@ class AgentConfig(Model):
     "End to end"); a slow device's poll is its own batch anyway. Raise it (0.1-1 s) for
     many fast streaming devices when a second of latency is fine."""
     outbox_max_bytes: int = Field(default=64 * 2**20, ge=2**16)
-    """Bound of the outbox of unacknowledged messages."""
+    """Bound of the outbox of messages not yet acknowledged (``delivery: broker``) or not
+    yet confirmed stored (``delivery: stored``)."""
     outbox_full: Literal["drop_oldest", "stop_reading"] = "drop_oldest"
     """What happens when the outbox is full; either way it is counted and raised as an alarm."""
     outbox_dir: Path | None = None
@@ -88,6 +89,27 @@ class AgentConfig(Model):
     """``full``: every put is fsynced, surviving power loss; ``normal``: fsync at checkpoints
     only, surviving SIGKILL but maybe not power loss (see edge/durable.py)."""
     metrics_interval_s: float = Field(default=5.0, gt=0)
+    delivery: Literal["stored", "broker"] = "stored"
+    """When a message leaves the outbox. ``stored``: it stays after the broker's PUBACK
+    (still counted against ``outbox_max_bytes``) until ingest confirms it is in the database
+    or ingest's spool, and is published again after a reconnect, when an ingest worker comes
+    online, or when unconfirmed for ``confirm_timeout_s``; so a broker killed before its next
+    autosave loses nothing. ``broker``: the PUBACK ends it (a killed broker loses what it
+    acknowledged and had not delivered yet)."""
+    confirm_timeout_s: float = Field(default=30.0, gt=0, le=3600)
+    """``delivery: stored``: a message unconfirmed this long after its PUBACK is published
+    again (last resort; reconnects and ingest coming online republish at once). The wait
+    doubles with every republish of the same message, up to ``confirm_timeout_max_s``, so an
+    ingest outage does not flood the broker."""
+    confirm_timeout_max_s: float = Field(default=300.0, gt=0, le=86400)
+    """Cap of the doubling republish timeout."""
+
+    @model_validator(mode="after")
+    def _timeouts(self) -> Self:
+        if self.confirm_timeout_max_s < self.confirm_timeout_s:
+            msg = "confirm_timeout_max_s must be >= confirm_timeout_s"
+            raise ValueError(msg)
+        return self
 
 
 class DatabaseConfig(Model):
@@ -147,6 +169,12 @@ class IngestConfig(Model):
     """How long a batch may wait for the database before it goes to the spool."""
     drain_batch_points: int = Field(default=50_000, ge=1, le=1_000_000)
     """Points per database write while draining the spool."""
+    confirm_interval_s: float = Field(default=0.2, ge=0, le=10)
+    """Delivery confirmations (``tpo.stored/1``) of batches stored within this interval go to
+    an agent as one message (0: one per write batch). Each received message costs the agent
+    a few hundred microseconds of CPU here; at the default flush interval that is up to 50 a
+    second, 5 with the default (bench/RESULTS.md, "Delivery confirmation"). The agent holds
+    its messages this much longer."""
 
     def broker(self, base: BrokerConfig) -> BrokerConfig:
         """The backbone broker config with the ingest account swapped in, when one is set."""

@@ -12,9 +12,12 @@ Life of a message:
    the writer task inserts it in a transaction shared with every other put
    waiting at that moment (group commit); ``put`` returns once that
    transaction committed, and only then can :meth:`take` hand it out;
-2. :meth:`done` (PUBACK) frees its bytes at once; the row is deleted in the
-   next transaction (lazily: a lost delete only means a harmless replay);
-3. on start, every row left is replayed in put order, so per device too.
+2. when it leaves (ingest's confirmation with ``confirm=True``, else the PUBACK; see
+   :mod:`edge.outbox`) its bytes are freed at once and the row is deleted in the next
+   transaction (lazily: a lost delete only means a harmless replay). While it waits for
+   the confirmation after PUBACK its payload is not kept in RAM: a republish reads it back;
+3. on start, every row left is replayed in put order, so per device too: also the ones
+   the broker had acknowledged and ingest had not confirmed yet.
 
 Durability (``sync``):
 
@@ -162,9 +165,10 @@ class DurableOutbox(MemoryOutbox):
         *,
         sync: Sync = "full",
         memory_bytes: int = 8 * 2**20,
+        confirm: bool = False,
     ) -> None:
         """Open ``path`` (created if missing) and queue what it holds for replay, in order."""
-        super().__init__(max_bytes, policy)
+        super().__init__(max_bytes, policy, confirm=confirm)
         self.path = path
         self.sync: Sync = sync
         self.memory_bytes = memory_bytes
@@ -193,6 +197,9 @@ class DurableOutbox(MemoryOutbox):
             self._queue.append(item)
             self._on_disk_only.add(key)
             self._bytes += nbytes
+            if confirm and batch_seq:
+                # Its earlier copy may be confirmed while this one waits: it then leaves.
+                self._tracked[batch_seq] = item
         self.replayed = len(loaded)
         """Messages found in the file at start (published again, in order)."""
         self._full = self._bytes > max_bytes
@@ -245,7 +252,13 @@ class DurableOutbox(MemoryOutbox):
         item.payload = payload
         return item
 
+    def _keep_unconfirmed(self, item: OutboxItem) -> None:
+        # Waiting for ingest, maybe long: the row has it, a republish reads it back.
+        item.payload = b""
+        self._on_disk_only.add(item.key)
+
     def _forget(self, item: OutboxItem) -> None:
+        super()._forget(item)
         self._on_disk_only.discard(item.key)
         self._mem_bytes -= self._in_ram.pop(item.key, 0)
         self._to_delete.append(item.key)

@@ -27,6 +27,22 @@ merge over a complete one.
 Unusable messages are acknowledged (redelivering them would never help),
 counted by reason and stored as a record in the ``deadletter`` measurement.
 Ingest's own metrics go to the ``agent`` measurement as ``agent=_ingest-<client_id>``.
+
+Delivery confirmation (:mod:`edge.confirm`): once a batch is durable (database or spool)
+and its messages are acknowledged, the agents' ``batch_seq`` numbers of its messages go
+back to each agent on ``tpo/v1/{site}/_agent/{agent}/stored`` (coalesced ranges; one
+message per agent for the batches stored within ``ingest.confirm_interval_s``, or per batch
+when it is 0), so that the agent frees them from its outbox. A link KPI message is
+confirmed with its acknowledgement, after the merged window it contributes to is written.
+Dead-lettered messages are confirmed too when their agent and ``batch_seq`` can still be read
+(redelivering them would not help either); those that cannot be read are never confirmed and
+leave the agent's outbox by its timeout path (republished with backoff until evicted).
+A per-agent :class:`~edge.confirm.ReplayRecord` recognises a republished message: it is
+acknowledged and confirmed again but neither written nor counted again
+(``duplicates_skipped``; a replayed link KPI is not merged again). Each worker announces
+itself, retained, on ``tpo/v1/{site}/_ingest/{client_id}/status`` (``online`` on every
+connect, ``offline`` as last will and at an orderly stop), so that agents republish what is
+unconfirmed as soon as a worker is back.
 """
 
 from __future__ import annotations
@@ -45,6 +61,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import orjson
 
+from edge import confirm as stored
 from edge import lineprotocol as lp
 from edge import payload as wire
 from edge.backbone import Backbone, Message
@@ -110,6 +127,10 @@ class IngestStats:
     """Time spent in successful drain writes (drain rate = drained_points / drain_s)."""
     kpi_held: int = 0
     """Link KPI messages waiting for their window's merge before they are acknowledged."""
+    duplicates_skipped: int = 0
+    """Republished messages recognised by their agent's batch_seq: not stored again."""
+    confirmations: int = 0
+    """``tpo.stored/1`` messages published to agents."""
 
 
 @functools.lru_cache(maxsize=4096)
@@ -218,6 +239,11 @@ def decode_metrics(payload: bytes) -> tuple[str, int, dict[str, float]]:
     return agent, ts, out
 
 
+Ident = tuple[str, int]
+"""(agent, batch_seq) of a message, for the confirmation (batch_seq 0: none)."""
+NO_IDENT: Ident = ("", 0)
+
+
 @dataclass
 class _Batch:
     """What the consume loop collected since the last flush."""
@@ -226,8 +252,10 @@ class _Batch:
     points: int = 0
     ack: list[Message] = field(default_factory=list)
     """Acknowledged once the batch is stored."""
-    hold: list[tuple[tuple[int, float], Message]] = field(default_factory=list)
-    """Link KPI messages: acknowledged once their window's merge is stored."""
+    confirm: list[Ident] = field(default_factory=list)
+    """Confirmed to their agents once the batch is stored and ``ack`` acknowledged."""
+    hold: list[tuple[tuple[int, float], Message, Ident]] = field(default_factory=list)
+    """Link KPI messages: acknowledged (and confirmed) once their window's merge is stored."""
     ts_receive: list[npt.NDArray[np.int64]] = field(default_factory=list)
     samples: list[wire.DecodedSamples] = field(default_factory=list)
     """Samples messages, encoded together when the batch is written (counted in points)."""
@@ -258,6 +286,7 @@ class _Write:
 
     task: asyncio.Task[None]
     ack: list[Message]
+    confirm: list[Ident] = field(default_factory=list)
 
 
 class Ingest:
@@ -282,7 +311,13 @@ class Ingest:
         self._db_up = asyncio.Event()
         self._db_up.set()
         self._spool_filled = asyncio.Event()
-        self._held: dict[tuple[int, float], list[Message]] = {}
+        self._held: dict[tuple[int, float], list[tuple[Message, Ident]]] = {}
+        self._seen = stored.ReplayRecord()
+        self._confirms: dict[str, list[int]] = {}
+        """Per agent, batch_seqs stored and acknowledged, not yet confirmed (see
+        ``ingest.confirm_interval_s``)."""
+        self._confirm_timer: asyncio.TimerHandle | None = None
+        """Per agent, the batch_seqs taken recently: a republished message is not stored twice."""
         self._writes: deque[_Write] = deque()
         """Writes in flight, oldest first; acknowledged in this order."""
         self._hold_due_ns = round((site.kpi.allowed_lateness_s + 5.0 + KPI_HOLD_SLACK_S) * NS_PER_S)
@@ -321,6 +356,8 @@ class Ingest:
             "ingest_lag_ms_max": s.lag_ms_max,
             "agent_metrics": s.agent_metrics,
             "kpi_held": s.kpi_held,
+            "duplicates_skipped": s.duplicates_skipped,
+            "confirmations": s.confirmations,
         }
         for name, hist in (("stored", s.stored_latency_ms), ("arrival", s.arrival_latency_ms)):
             if hist.n:
@@ -343,14 +380,24 @@ class Ingest:
     async def run(self) -> None:
         """Consume until stopped."""
         broker = self.site.ingest.broker(self.site.broker)
+        status = (
+            stored.ingest_status_topic(self.site.site, self.client_id)
+            if stored.topic_name_ok(self.client_id)
+            else None
+        )
         backbone = Backbone(
             broker,
             client_id=self.client_id,
+            will=None if status is None else (status, self._status("offline")),
             persistent_session=True,
             manual_ack=True,
             password=broker.password(),
         )
         self._backbone = backbone
+        if status is not None:
+            # After every CONNACK (the subscriptions are re-sent first, so they are in place
+            # when an agent reacts): agents republish what is unconfirmed.
+            backbone.on_connect = functools.partial(self._announce, backbone, status, "online")
         for topic in self.topics():
             backbone.subscribe(topic, qos=1)
         drainer: asyncio.Task[None] | None = None
@@ -361,7 +408,15 @@ class Ingest:
             self.ready.set()
             log.info("ingest %s ready: %s", self.client_id, " ".join(self.topics()))
             await self._consume(backbone)
+            self._flush_confirmations()
+            if status is not None and backbone.connected.is_set():
+                fut = self._announce(backbone, status, "offline")
+                with contextlib.suppress(Exception):
+                    async with asyncio.timeout(2.0):
+                        await fut
         finally:
+            if self._confirm_timer is not None:
+                self._confirm_timer.cancel()
             if drainer is not None:
                 drainer.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
@@ -369,6 +424,46 @@ class Ingest:
             await backbone.close()
             if self.spool is not None:
                 await self.spool.close()
+
+    def _status(self, state: str) -> bytes:
+        return stored.encode_ingest_status(self.client_id, state, time.time_ns())
+
+    def _announce(self, backbone: Backbone, topic: str, state: str) -> asyncio.Future[None]:
+        fut = backbone.publish(topic, self._status(state), retain=True)
+        fut.add_done_callback(_retrieve)
+        return fut
+
+    def _queue_confirmations(self, idents: list[Ident]) -> None:
+        """Queue confirmations of stored and acknowledged messages; sent within the interval."""
+        for agent, seq in idents:
+            if seq > 0:
+                self._confirms.setdefault(agent, []).append(seq)
+        if not self._confirms:
+            return
+        interval = self.site.ingest.confirm_interval_s
+        if interval <= 0:
+            self._flush_confirmations()
+        elif self._confirm_timer is None:
+            loop = asyncio.get_running_loop()
+            self._confirm_timer = loop.call_later(interval, self._flush_confirmations)
+
+    def _flush_confirmations(self) -> None:
+        """Tell each agent which of its messages are stored (fire and forget, QoS 1)."""
+        if self._confirm_timer is not None:
+            self._confirm_timer.cancel()
+            self._confirm_timer = None
+        backbone = self._backbone
+        confirms, self._confirms = self._confirms, {}
+        if backbone is None:
+            return
+        for agent, seqs in confirms.items():
+            if not stored.topic_name_ok(agent):
+                self.stats.rejected["unconfirmable agent id"] += 1
+                continue
+            payload = stored.encode_stored(self.client_id, seqs)
+            fut = backbone.publish(stored.stored_topic(self.site.site, agent), payload, qos=1)
+            fut.add_done_callback(_retrieve)
+            self.stats.confirmations += 1
 
     # -- the consume loop ------------------------------------------------------------------
 
@@ -438,6 +533,8 @@ class Ingest:
             write.task.result()  # a failed write raises: its messages stay unacknowledged
             for message in write.ack:
                 backbone.ack(message)
+            if write.confirm:
+                self._queue_confirmations(write.confirm)
 
     async def _settle(self, backbone: Backbone, keep: int) -> None:
         """Wait until at most ``keep`` writes are in flight, acknowledging as they finish."""
@@ -449,18 +546,7 @@ class Ingest:
         self.stats.messages += 1
         topic = message.topic
         if topic.endswith("/kpi"):
-            try:
-                encoded = self.kpi.encode(topic, message.payload)
-                msg = decode_kpi(message.payload)  # decoded once more: the merge window key
-            except DecodeError as exc:
-                batch.add(self._reject(message, f"{exc}"))
-                batch.ack.append(message)
-                return
-            batch.add(encoded)
-            if msg.kind == "link" and msg.histogram is not None:
-                batch.hold.append(((msg.window_start_ns, msg.window_s), message))
-            else:
-                batch.ack.append(message)
+            self._take_kpi(message, batch)
             return
         batch.ack.append(message)
         if topic.endswith("/metrics"):
@@ -470,7 +556,10 @@ class Ingest:
             decoded = wire.decode_samples(message.payload)
         except DecodeError as exc:
             batch.add(self._reject(message, f"{exc}"))
+            batch.confirm.append(stored.agent_and_seq(message.payload) or NO_IDENT)
             return
+        ident = (decoded.agent, decoded.batch_seq)
+        batch.confirm.append(ident)  # stored, rejected or a replay: confirmed either way
         parts = topic.split("/")
         if len(parts) != 6 or (parts[2], parts[3], parts[4]) != (
             decoded.site,
@@ -485,6 +574,10 @@ class Ingest:
         except ValueError as exc:
             batch.add(self._reject(message, f"{exc}"))
             return
+        if self._seen.seen(*ident):
+            self.stats.duplicates_skipped += 1
+            return
+        self._seen.add(*ident)
         batch.samples.append(decoded)
         batch.points += len(decoded)
         self.stats.samples += len(decoded)
@@ -497,6 +590,42 @@ class Ingest:
             lag_ms = (now - int(decoded.ts_receive.max())) / 1e6
             self.stats.last_lag_ms[dev] = lag_ms
             self.stats.lag_ms_max = max(self.stats.lag_ms_max, lag_ms)
+
+    def _take_kpi(self, message: Message, batch: _Batch) -> None:
+        try:
+            msg = decode_kpi(message.payload)
+        except DecodeError as exc:
+            batch.add(self._reject(message, f"{exc}"))
+            batch.ack.append(message)
+            batch.confirm.append(stored.agent_and_seq(message.payload) or NO_IDENT)
+            return
+        ident = (msg.agent, msg.batch_seq)
+        key = (msg.window_start_ns, msg.window_s)
+        link = msg.kind == "link" and msg.histogram is not None
+        if self._seen.seen(*ident):
+            # A replay: not merged again. While the first copy waits for its merge, so does
+            # this one (confirming it earlier would confirm a merge not yet written).
+            self.stats.duplicates_skipped += 1
+            if link and (key in self._held or any(k == key for k, _, _ in batch.hold)):
+                batch.hold.append((key, message, ident))
+            else:
+                batch.ack.append(message)
+                batch.confirm.append(ident)
+            return
+        try:
+            encoded = self.kpi.encode(message.topic, message.payload)
+        except DecodeError as exc:
+            batch.add(self._reject(message, f"{exc}"))
+            batch.ack.append(message)
+            batch.confirm.append(ident)
+            return
+        self._seen.add(*ident)
+        batch.add(encoded)
+        if link:
+            batch.hold.append((key, message, ident))
+        else:
+            batch.ack.append(message)
+            batch.confirm.append(ident)
 
     def _agent_metrics(self, message: Message) -> lp.Encoded:
         try:
@@ -535,18 +664,13 @@ class Ingest:
             self._next_metrics = loop.time() + self.site.agent.metrics_interval_s
             batch.add(metrics_line(self.site.site, self.agent_name, self.metrics(), now))
             self.stats.write_ms_max = self.stats.lag_ms_max = 0.0
-        for key, message in batch.hold:
-            self._held.setdefault(key, []).append(message)
-        ack = batch.ack
-        for key in list(self._held):
-            end = key[0] + round(key[1] * NS_PER_S)
-            if final or key in merged or now >= end + self._hold_due_ns:
-                ack.extend(self._held.pop(key))  # after this batch, which holds the merge
-        self.stats.kpi_held = sum(len(v) for v in self._held.values())
+        ack, confirm = batch.ack, batch.confirm
+        self._release_held(batch, merged, now, final=final)
         if not batch.points:
             if not self._writes:
                 for message in ack:
                     backbone.ack(message)
+                self._queue_confirmations(confirm)
                 return
             if not ack:
                 return
@@ -554,7 +678,21 @@ class Ingest:
             # A free slot first: at most writes_in_flight batches are written at once.
             await self._settle(backbone, self.site.database.writes_in_flight - 1)
         task = asyncio.create_task(self._store(batch), name="ingest.write")
-        self._writes.append(_Write(task, ack))
+        self._writes.append(_Write(task, ack, confirm))
+
+    def _release_held(
+        self, batch: _Batch, merged: set[tuple[int, float]], now: int, *, final: bool
+    ) -> None:
+        """Hold the batch's link KPI messages; release those whose merge this batch writes."""
+        for key, message, ident in batch.hold:
+            self._held.setdefault(key, []).append((message, ident))
+        for key in list(self._held):
+            end = key[0] + round(key[1] * NS_PER_S)
+            if final or key in merged or now >= end + self._hold_due_ns:
+                for message, ident in self._held.pop(key):  # after this batch (the merge)
+                    batch.ack.append(message)
+                    batch.confirm.append(ident)
+        self.stats.kpi_held = sum(len(v) for v in self._held.values())
 
     async def _store(self, batch: _Batch) -> None:
         """Write one batch (database or spool); record the platform latency of its samples."""
@@ -665,6 +803,12 @@ class Ingest:
             await spool.remove(batches)
             self.stats.drained_points += points
             self.stats.drain_s += time.monotonic() - started
+
+
+def _retrieve(fut: asyncio.Future[None]) -> None:
+    """Fire-and-forget publish: a failure (closed before PUBACK) is expected, not an error."""
+    if not fut.cancelled():
+        fut.exception()
 
 
 def _backoff_s(attempt: int, cap_s: float = 30.0) -> float:

@@ -540,6 +540,8 @@ class KpiEngine:
         ]
         self.counters: Counter[str] = Counter() if counters is None else counters
         self._unsent: deque[tuple[str, bytes]] = deque()
+        self.next_seq: Callable[[], int] | None = None
+        """The agent's batch_seq allocator: KPI messages carry one, like samples messages."""
 
     # -- input -------------------------------------------------------------------------------
 
@@ -708,7 +710,10 @@ class KpiEngine:
         # Popped only once queued: a cancelled run() leaves the rest for drain().
         while self._unsent:
             topic, payload = self._unsent[0]
-            await outbox.put(OutboxItem(topic, payload, 0))
+            seq = self.next_seq() if self.next_seq is not None else 0
+            if seq:  # the agent's batch_seq first, so that ingest can confirm it
+                payload = b'{"batch_seq":%d,' % seq + payload[1:]
+            await outbox.put(OutboxItem(topic, payload, 0, batch_seq=seq))
             self._unsent.popleft()
         self.counters["kpi_late_samples"] = self.late_samples()
 
@@ -729,6 +734,8 @@ class KpiMessage:
     kind: Kind
     kpis: KpiValues
     histogram: ExpHistogram | None
+    batch_seq: int = 0
+    """The agent's batch sequence number (0: none; for the delivery confirmation)."""
 
 
 def _number(value: Any, what: str) -> float | None:
@@ -772,7 +779,16 @@ def decode_kpi(payload: bytes) -> KpiMessage:
             histogram = ExpHistogram.from_dict(doc["histogram"])
         except (KeyError, TypeError, ValueError) as exc:
             raise DecodeError(f"histogram: {exc!r}") from exc
-    return KpiMessage(site, area, device, agent, start, window_s, kind, kpis, histogram)  # type: ignore[arg-type]
+    seq = _batch_seq(doc)
+    return KpiMessage(site, area, device, agent, start, window_s, kind, kpis, histogram, seq)  # type: ignore[arg-type]
+
+
+def _batch_seq(doc: dict[str, Any]) -> int:
+    """The optional ``batch_seq`` of a KPI message (0 when absent)."""
+    seq = doc.get("batch_seq", 0)
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise DecodeError(f"batch_seq {seq!r} must be a non-negative integer")
+    return seq
 
 
 @dataclass(frozen=True, slots=True)

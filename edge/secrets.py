@@ -8,9 +8,13 @@ Broker accounts, one per principal, so one leaked password never lets a device
 speak for another:
 
 - the agent (``broker.username`` of the site, else its agent id): publishes
-  ``tpo/v1/<site>/#``, subscribes ``field/#``;
+  ``tpo/v1/<site>/#``, subscribes ``field/#``, reads its own delivery confirmations
+  ``tpo/v1/<site>/_agent/<agent id>/stored`` (no other agent's) and the ingest workers'
+  status ``tpo/v1/<site>/_ingest/+/status``;
 - each ingest worker (``ingest-1`` ...): subscribes ``tpo/v1/<site>/#``, also
-  through the shared subscription ``$share/<group>/tpo/v1/<site>/#``;
+  through the shared subscription ``$share/<group>/tpo/v1/<site>/#``; publishes only
+  delivery confirmations ``tpo/v1/<site>/_agent/+/stored`` and its own status
+  ``tpo/v1/<site>/_ingest/+/status`` (see :mod:`edge.confirm`);
 - each field device of the site's MQTT sources: a bench publishes only
   ``field/bench/<id>/#``, a charger only ``field/charger/<id>/#``;
 - ``healthcheck``: reads ``$SYS/broker/uptime`` (the container health check);
@@ -198,11 +202,21 @@ def site_accounts(site: SiteConfig, *, ingest_workers: int = 1, sim: bool = Fals
         Account(
             agent_name,
             "agent",
-            (f"topic write {prefix}/#", "topic read field/#"),
+            (
+                f"topic write {prefix}/#",
+                "topic read field/#",
+                f"topic read {prefix}/_agent/{site.agent.id}/stored",
+                f"topic read {prefix}/_ingest/+/status",
+            ),
             site.broker.password_env or DEFAULT_AGENT_PASSWORD_ENV,
         )
     ]
-    ingest_acl = (f"topic read {prefix}/#", f"topic read $share/{group}/{prefix}/#")
+    ingest_acl = (
+        f"topic read {prefix}/#",
+        f"topic read $share/{group}/{prefix}/#",
+        f"topic write {prefix}/_agent/+/stored",
+        f"topic write {prefix}/_ingest/+/status",
+    )
     first_ingest = site.ingest.username or "ingest-1"
     first_env = site.ingest.password_env or DEFAULT_INGEST_PASSWORD_ENV
     accounts.append(Account(first_ingest, "ingest", ingest_acl, first_env))

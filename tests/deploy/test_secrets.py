@@ -60,8 +60,18 @@ def test_accounts_and_acl(tmp_path: Path) -> None:
     }
     assert blocks["bench-01"] == ["topic write field/bench/bench-01/#"]
     assert blocks["charger-01"] == ["topic write field/charger/charger-01/#"]
-    assert blocks["it-edge"] == ["topic write tpo/v1/tpo/#", "topic read field/#"]
-    assert "topic read $share/ingest/tpo/v1/tpo/#" in blocks["ingest-1"]
+    assert blocks["it-edge"] == [
+        "topic write tpo/v1/tpo/#",
+        "topic read field/#",
+        "topic read tpo/v1/tpo/_agent/it-edge/stored",  # its own confirmations only
+        "topic read tpo/v1/tpo/_ingest/+/status",
+    ]
+    assert blocks["ingest-1"] == [
+        "topic read tpo/v1/tpo/#",
+        "topic read $share/ingest/tpo/v1/tpo/#",
+        "topic write tpo/v1/tpo/_agent/+/stored",  # delivery confirmations, nothing else
+        "topic write tpo/v1/tpo/_ingest/+/status",
+    ]
     # Nothing before the first `user` line: anonymous clients get no topic at all.
     assert all(line.startswith("#") or not line for line in acl.split("\nuser ")[0].splitlines())
     users = [line.split(":", 1)[0] for line in result.layout.passwd.read_text().splitlines()]

@@ -74,6 +74,16 @@ class IngestProc:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGKILL)
 
+    def pause(self) -> None:
+        """SIGSTOP: it reads nothing more; the broker queues what it would get."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """SIGCONT after :meth:`pause`."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
     async def wait_killed(self) -> None:
         """Reap the killed process."""
         assert self.proc is not None

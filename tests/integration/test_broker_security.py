@@ -256,6 +256,42 @@ def test_ingest_reads_the_backbone_but_cannot_write_it(
     assert got == [("tpo/v1/tpo/hall-a/meter-1/data", b"from-agent")]
 
 
+def test_only_ingest_may_confirm_delivery_to_an_agent(
+    broker: Broker, clients: list[Client]
+) -> None:
+    agent = _client(clients, broker, "it-edge")
+    assert agent.connect(), agent.reason
+    agent.subscribe("tpo/v1/tpo/_agent/it-edge/stored")
+    bench = _client(clients, broker, "bench-01")
+    assert bench.connect(), bench.reason
+    bench.publish("tpo/v1/tpo/_agent/it-edge/stored", b"forged-by-bench")
+    ingest = _client(clients, broker, "ingest-1")
+    assert ingest.connect(), ingest.reason
+    ingest.publish("tpo/v1/tpo/_agent/it-edge/stored", b"confirmed-by-ingest")
+    got = agent.wait_for(b"confirmed-by-ingest")
+    assert got == [("tpo/v1/tpo/_agent/it-edge/stored", b"confirmed-by-ingest")]
+
+
+def test_an_agent_cannot_read_another_agents_confirmations(
+    broker: Broker, clients: list[Client]
+) -> None:
+    agent = _client(clients, broker, "it-edge")
+    assert agent.connect(), agent.reason
+    agent.subscribe("tpo/v1/tpo/_agent/+/stored")  # granted or not, only its own may arrive
+    ingest = _client(clients, broker, "ingest-1")
+    assert ingest.connect(), ingest.reason
+    ingest.publish("tpo/v1/tpo/_agent/other-edge/stored", b"for-another-agent")
+    ingest.publish("tpo/v1/tpo/_ingest/ingest-1/status", b"ingest-online")
+    ingest.publish("tpo/v1/tpo/_agent/it-edge/stored", b"for-it-edge")
+    got = agent.wait_for(b"for-it-edge")
+    assert got == [("tpo/v1/tpo/_agent/it-edge/stored", b"for-it-edge")]
+    status = _client(clients, broker, "it-edge")
+    assert status.connect()
+    status.subscribe("tpo/v1/tpo/_ingest/+/status")  # the worker's status: readable
+    ingest.publish("tpo/v1/tpo/_ingest/ingest-1/status", b"ingest-online-again")
+    status.wait_for(b"ingest-online-again")
+
+
 async def test_agent_backbone_connects_over_tls_with_its_account(
     broker: Broker, clients: list[Client]
 ) -> None:
