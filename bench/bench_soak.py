@@ -139,7 +139,13 @@ async def _stop(proc: asyncio.subprocess.Process, timeout_s: float = 60) -> None
 
 
 async def soak(
-    work: Path, minutes: float, sample_s: float, *, durable: bool, only: set[str] | None = None
+    work: Path,
+    minutes: float,
+    sample_s: float,
+    *,
+    durable: bool,
+    only: set[str] | None = None,
+    kpi: bool = True,
 ) -> dict[str, Any]:
     """One soak run; returns the RSS series and the counts."""
     os.environ.setdefault("TPO_SITE_SECRET", secrets.token_hex(32))  # children inherit it
@@ -168,6 +174,8 @@ async def soak(
             site = site.model_copy(
                 update={"agent": site.agent.model_copy(update={"outbox_dir": work / "outbox"})}
             )
+        if not kpi:
+            site = site.model_copy(update={"kpi": site.kpi.model_copy(update={"enabled": False})})
         site_file = work / "site.yaml"
         site_file.write_text(yaml.safe_dump(site.model_dump(mode="json", exclude_none=True)))
         ingest = await _spawn(work, "ingest", "ingest", "-c", str(site_file), "--client-id", "soak")
@@ -451,6 +459,7 @@ def main() -> None:
         "--rate", type=float, help="full path at this many samples/s (Modbus sims, not the campus)"
     )
     ap.add_argument("--units", type=int, default=4, help="simulator processes with --rate")
+    ap.add_argument("--no-kpi", action="store_true", help="campus with the KPI engine off")
     ap.add_argument(
         "--memray",
         default="",
@@ -470,7 +479,14 @@ def main() -> None:
             )
         else:
             r = asyncio.run(
-                soak(work, args.minutes, args.sample_s, durable=args.durable, only=only)
+                soak(
+                    work,
+                    args.minutes,
+                    args.sample_s,
+                    durable=args.durable,
+                    only=only,
+                    kpi=not args.no_kpi,
+                )
             )
     finally:
         if not args.keep:
