@@ -126,6 +126,36 @@ PANELS: Final = (
         width=8,
     ),
     PanelDef(
+        "Awaiting ingest's confirmation",
+        "timeseries",
+        (_agent('max("outbox_unconfirmed") AS "messages"', ("messages",)),),
+        unit="short",
+        description=(
+            "Messages the broker acknowledged that ingest has not yet confirmed stored "
+            "(delivery: stored). They stay in the outbox and are published again after a "
+            "broker restart; a level that keeps rising means ingest is not keeping up."
+        ),
+        width=12,
+    ),
+    PanelDef(
+        "Resident memory",
+        "timeseries",
+        (
+            Query(
+                f'SELECT max("rss_bytes") AS "rss" FROM {M} WHERE {SITE} AND '
+                f'("agent" =~ /^$agent$/ OR "agent" =~ /^_ingest/) AND $timeFilter {BY_AGENT}',
+                ("rss",),
+                "$tag_agent $col",
+            ),
+        ),
+        unit="bytes",
+        description=(
+            "Resident set size of every agent and ingest worker. Flat after start-up in the "
+            "soak benchmarks; a climb that lasts for days is worth a report."
+        ),
+        width=12,
+    ),
+    PanelDef(
         "Per-stage latency",
         "timeseries",
         (

@@ -40,6 +40,7 @@ import numpy as np
 
 from drivers.base import Driver, DriverContext, SampleBatch, driver_class, now_ns
 from edge import confirm as stored
+from edge import memory
 from edge import payload as wire
 from edge.backbone import Backbone, Message
 from edge.errors import DecodeError, SourceError
@@ -577,6 +578,7 @@ class Agent:
         out["republished_messages"] = self.outbox.republished
         out["unconfirmed_evicted"] = self.outbox.evicted
         out["confirmed_messages"] = self.outbox.confirmed
+        out["rss_bytes"] = memory.rss_bytes()
         for reason, n in self.outbox.drops.items():
             out[f"drops.{reason}"] = n
         if self._backbone is not None:

@@ -14,6 +14,7 @@ import orjson
 import typer
 from rich.console import Console
 
+from edge import memory
 from edge.errors import ConfigError, EdgeError
 
 if TYPE_CHECKING:
@@ -129,6 +130,7 @@ def agent(
     """Run the edge agent of a site file until Ctrl-C."""
     _setup_logging(verbose)
     site = _load(config)
+    memory.tune_allocator()  # a service: keep its heap from creeping
     from edge.agent import Agent  # noqa: PLC0415
 
     holder: list[Agent] = []
@@ -150,6 +152,7 @@ def ingest(
     """Run the ingest service: backbone messages into the database, acknowledged once stored."""
     _setup_logging(verbose)
     site = _load(config)
+    memory.tune_allocator()  # a service: keep its heap from creeping
     from edge.ingest import Ingest  # noqa: PLC0415
     from edge.sinks import open_sink  # noqa: PLC0415
 

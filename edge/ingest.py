@@ -63,6 +63,7 @@ import orjson
 
 from edge import confirm as stored
 from edge import lineprotocol as lp
+from edge import memory
 from edge import payload as wire
 from edge.backbone import Backbone, Message
 from edge.errors import DecodeError, SinkError, SinkRejectedError
@@ -358,6 +359,7 @@ class Ingest:
             "kpi_held": s.kpi_held,
             "duplicates_skipped": s.duplicates_skipped,
             "confirmations": s.confirmations,
+            "rss_bytes": memory.rss_bytes(),
         }
         for name, hist in (("stored", s.stored_latency_ms), ("arrival", s.arrival_latency_ms)):
             if hist.n:
