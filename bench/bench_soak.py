@@ -187,7 +187,9 @@ async def soak(
         await asyncio.sleep(3.0)  # every source connects and subscribes
         campus.resume()
         t0 = time.monotonic()
-        series: list[tuple[float, dict[str, int]]] = [(0.0, memory_kib(agent.pid))]
+        series: list[tuple[float, dict[str, int]]] = [
+            (0.0, {**memory_kib(agent.pid), "heap": heap_kib(agent.pid)})
+        ]
         print(f"agent pid {agent.pid}; t=0 s {_fmt(series[0][1])}", flush=True)
         end = t0 + minutes * 60
         while (now := time.monotonic()) < end:
@@ -195,7 +197,8 @@ async def soak(
             if agent.returncode is not None:
                 msg = f"agent exited with {agent.returncode}; see {work}/agent.log"
                 raise RuntimeError(msg)
-            t, kib = time.monotonic() - t0, memory_kib(agent.pid)
+            t = time.monotonic() - t0
+            kib = {**memory_kib(agent.pid), "heap": heap_kib(agent.pid)}
             series.append((t, kib))
             print(f"t={t:6.0f} s {_fmt(kib)}", flush=True)
         campus.pause()
