@@ -103,6 +103,19 @@ MEMRAY: set[str] = set()
 """Processes (``agent``, ``ingest``) to run under ``memray run --native`` (``--memray``)."""
 
 
+async def settled_count(influxd: Influxd, target: int, *, timeout_s: float, stall_s: float) -> int:
+    """The stored count once it reaches ``target``, stops moving for ``stall_s``, or times out."""
+    deadline, stored, last, last_change = time.monotonic() + timeout_s, 0, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        stored = await asyncio.to_thread(stored_count, influxd)
+        if stored != last:
+            last, last_change = stored, time.monotonic()
+        if stored >= target or time.monotonic() - last_change > stall_s:
+            break
+        await asyncio.sleep(1.0)
+    return stored
+
+
 async def _spawn(work: Path, name: str, *argv: str) -> asyncio.subprocess.Process:
     # memray (not a dependency: ``pip install memray``) records every native allocation with
     # its stack, to find growth that tracemalloc cannot see (C extensions, pymalloc arenas).
@@ -205,14 +218,7 @@ async def soak(
         await asyncio.sleep(2.0)  # in-flight notifications and link-delayed messages land
         await _stop(agent)
         simulated = truth.delivered_count()
-        deadline, stored, last_change, last = time.monotonic() + 120, 0, time.monotonic(), -1
-        while time.monotonic() < deadline:
-            stored = await asyncio.to_thread(stored_count, influxd)
-            if stored != last:
-                last, last_change = stored, time.monotonic()
-            if stored >= simulated or time.monotonic() - last_change > 15:
-                break
-            await asyncio.sleep(1.0)
+        stored = await settled_count(influxd, simulated, timeout_s=120, stall_s=15)
         return {"series": series, "simulated": simulated, "stored": stored, "only": only}
     finally:
         for proc in reversed(procs):
@@ -370,14 +376,7 @@ async def soak_rate(
             if metrics.samples_seen() != seen:
                 seen, last = metrics.samples_seen(), time.monotonic()
         published = seen
-        deadline, stored, stall, prev_stored = time.monotonic() + 180, 0, time.monotonic(), -1
-        while time.monotonic() < deadline:
-            stored = await asyncio.to_thread(stored_count, influxd)
-            if stored != prev_stored:
-                prev_stored, stall = stored, time.monotonic()
-            if stored >= published or time.monotonic() - stall > 30:
-                break
-            await asyncio.sleep(1.0)
+        stored = await settled_count(influxd, published, timeout_s=180, stall_s=30)
         return {
             "rows": rows,
             "published": published,

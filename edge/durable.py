@@ -43,7 +43,6 @@ replay) are read back on :meth:`take`.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import contextlib
 import fcntl
 import logging
@@ -235,7 +234,7 @@ class DurableOutbox(MemoryOutbox):
         except asyncio.CancelledError:
             # Not handed out: back in order, without waiting for the lock (we are cancelled).
             self._inflight -= 1
-            self._queue.insert(bisect.bisect_left([q.key for q in self._queue], item.key), item)
+            self._insert_in_order(item)
             raise
         except sqlite3.Error:
             payload = None

@@ -343,6 +343,11 @@ class Ingest:
         """Ask for an orderly shutdown: the current batch is written and acknowledged."""
         self._stopping.set()
 
+    @property
+    def writes_in_flight(self) -> int:
+        """Batches handed to the database (or spool) whose write has not finished yet."""
+        return len(self._writes)
+
     def metrics(self) -> dict[str, float]:
         """Ingest's self-metrics (also written to the ``agent`` measurement)."""
         s = self.stats

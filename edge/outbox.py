@@ -246,8 +246,7 @@ class MemoryOutbox:
                 if item.epoch != self._epoch:
                     # Sent before the last republish_all (a reconnect, an ingest worker back):
                     # it may have reached a broker with no subscriber yet. Once more.
-                    keys = [q.key for q in self._queue]
-                    self._queue.insert(bisect.bisect_left(keys, item.key), item)
+                    self._insert_in_order(item)
                     self.republished += 1
                 else:
                     self._tracked.pop(seq, None)
@@ -264,9 +263,12 @@ class MemoryOutbox:
             if item.confirmed:
                 self._release(item)
             else:
-                keys = [q.key for q in self._queue]
-                self._queue.insert(bisect.bisect_left(keys, item.key), item)
+                self._insert_in_order(item)
             self._changed.notify_all()
+
+    def _insert_in_order(self, item: OutboxItem) -> None:
+        """Queue ``item`` again in put order, ahead of everything newer (the lock is held)."""
+        self._queue.insert(bisect.bisect_left(self._queue, item.key, key=_key), item)
 
     async def confirm_ranges(self, ranges: Iterable[tuple[int, int]]) -> list[OutboxItem]:
         """Ingest stored the messages with these batch_seqs: they leave; returns those that did.

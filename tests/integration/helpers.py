@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections import defaultdict
 from collections.abc import AsyncIterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 from edge.agent import Agent
 from edge.config import SiteConfig
 from edge.influx import InfluxV1Writer
 from edge.ingest import Ingest
-from edge.services import Influxd
+from edge.services import Influxd, Mosquitto
 from sim.truth import GroundTruth
 
 SITE_DEFAULTS: dict[str, Any] = {
@@ -81,3 +83,37 @@ def truth_values(truth: GroundTruth, device: str) -> dict[str, list[float | None
         if not r.dropped:
             out[r.channel].append(r.value)
     return out
+
+
+@dataclass
+class PersistentMosquitto(Mosquitto):
+    """The test mosquitto with sessions persisted (autosave every second, and at stop)."""
+
+    autosave_s: ClassVar[int] = 1
+
+    def config_text(self) -> str:
+        """Persistence on, in the broker's work dir."""
+        persist = (
+            f"persistence true\npersistence_location {self.workdir}/\n"
+            f"autosave_interval {self.autosave_s}\npersistent_client_expiration 1h"
+        )
+        if os.geteuid() == 0:  # as root mosquitto drops to its own user, who may not write here
+            persist += "\nuser root"
+        return super().config_text().replace("persistence false", persist)
+
+
+@dataclass
+class VolatileMosquitto(PersistentMosquitto):
+    """Persistence on, but saved only once an hour: a SIGKILL loses what arrived since start.
+
+    It also sends each client at most 10 unacknowledged messages (``max_inflight_messages``),
+    so that what ingest cannot take yet waits in the broker's memory, as in production when
+    ingest's receive window is full.
+    """
+
+    autosave_s: ClassVar[int] = 3600
+
+    def config_text(self) -> str:
+        """Persistence with a long autosave; at most 10 messages in flight per client."""
+        text = super().config_text()
+        return text.replace("max_inflight_messages 1000", "max_inflight_messages 10")

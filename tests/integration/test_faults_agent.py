@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
-import os
 import random
 import signal
 import sqlite3
@@ -42,12 +41,12 @@ from edge.agent import Agent
 from edge.config import SiteConfig
 from edge.influx import InfluxV1Writer
 from edge.ingest import Ingest
-from edge.services import Influxd, Mosquitto
+from edge.services import Influxd
 from sim.modbus import ModbusDeviceSpec, ModbusServerSim
 from sim.truth import GroundTruth, TruthRecord
 from tests.conftest import require_binary
 
-from .helpers import make_site
+from .helpers import PersistentMosquitto, VolatileMosquitto, make_site
 
 pytestmark = pytest.mark.integration
 
@@ -62,51 +61,6 @@ SPECS = (
     ModbusDeviceSpec(kind="sdm630", name="meter-a", unit_id=1, seed=11),
     ModbusDeviceSpec(kind="umg604", name="meter-b", unit_id=3, seed=12),
 )
-
-
-@dataclass
-class PersistentMosquitto(Mosquitto):
-    """The test mosquitto with sessions persisted (autosave every second, and at stop)."""
-
-    def config_text(self) -> str:
-        """Persistence on, in the broker's work dir."""
-        persist = (
-            f"persistence true\npersistence_location {self.workdir}/\n"
-            "autosave_interval 1\npersistent_client_expiration 1h"
-        )
-        if os.geteuid() == 0:  # as root mosquitto drops to its own user, who may not write here
-            persist += "\nuser root"
-        return super().config_text().replace("persistence false", persist)
-
-
-@dataclass
-class VolatileMosquitto(Mosquitto):
-    """Persistence on, but saved only once an hour: a SIGKILL loses what arrived since start.
-
-    It also sends each client at most 10 unacknowledged messages (``max_inflight_messages``),
-    so that what ingest cannot take yet waits in the broker's memory, as in production when
-    ingest's receive window is full.
-    """
-
-    def config_text(self) -> str:
-        """Persistence with a long autosave; at most 10 messages in flight per client."""
-        persist = (
-            f"persistence true\npersistence_location {self.workdir}/\n"
-            "autosave_interval 3600\npersistent_client_expiration 1h"
-        )
-        if os.geteuid() == 0:  # as root mosquitto drops to its own user, who may not write here
-            persist += "\nuser root"
-        text = super().config_text().replace("persistence false", persist)
-        return text.replace("max_inflight_messages 1000", "max_inflight_messages 10")
-
-
-@pytest.fixture
-def volatile_broker(tmp_path: Path) -> Iterator[VolatileMosquitto]:
-    """A broker of this test alone that forgets everything when killed."""
-    require_binary("mosquitto", "mosquitto")
-    b = VolatileMosquitto(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
 
 
 @pytest.fixture
@@ -162,12 +116,13 @@ async def ingest_running(site: SiteConfig, influxd: Influxd) -> AsyncIterator[In
 
 
 async def settle(ingest: Ingest, *, at_least: int = 0, quiet_s: float = 0.6) -> None:
-    """Wait until ingest stored ``at_least`` samples and then nothing new for ``quiet_s``."""
+    """Wait until ingest took ``at_least`` samples, then nothing new for ``quiet_s`` and no
+    write in flight (samples are counted when decoded, before their write lands)."""
     deadline = time.monotonic() + 20
     last, since = -1, time.monotonic()
     while time.monotonic() < deadline:
         n = ingest.stats.samples
-        if n != last:
+        if n != last or ingest.writes_in_flight:
             last, since = n, time.monotonic()
         elif n >= at_least and time.monotonic() - since >= quiet_s:
             return

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,22 +33,12 @@ from edge.config import SiteConfig
 from edge.services import Influxd
 from sim.modbus import ModbusServerSim
 from sim.truth import GroundTruth
-from tests.conftest import require_binary
 
-from .helpers import make_site
+from .helpers import VolatileMosquitto, make_site
 from .ingest_procs import IngestProc, query_ns, signal_count, write_site
-from .test_faults_agent import POLL_S, VolatileMosquitto, compare, meters
+from .test_faults_agent import POLL_S, compare, meters
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(90)]
-
-
-@pytest.fixture
-def killable(tmp_path: Path) -> Iterator[VolatileMosquitto]:
-    """A broker of this test alone that forgets everything when killed."""
-    require_binary("mosquitto", "mosquitto")
-    b = VolatileMosquitto(tmp_path / "mosquitto").start()
-    yield b
-    b.stop()
 
 
 def site_for(
@@ -171,9 +160,9 @@ async def run_broker_kill(
 
 
 async def test_broker_sigkill_with_messages_queued_for_ingest_loses_nothing(
-    killable: VolatileMosquitto, influxd: Influxd, tmp_path: Path
+    volatile_broker: VolatileMosquitto, influxd: Influxd, tmp_path: Path
 ) -> None:
-    out = await run_broker_kill("stored", killable, influxd, tmp_path)
+    out = await run_broker_kill("stored", volatile_broker, influxd, tmp_path)
     sys.stderr.write(f"delivery stored: {out}\n")
     # The broker really held acknowledged, unstored samples when it was killed.
     assert out.unconfirmed_at_kill > 500
@@ -191,9 +180,9 @@ async def test_broker_sigkill_with_messages_queued_for_ingest_loses_nothing(
 
 
 async def test_control_delivery_broker_loses_what_the_broker_held(
-    killable: VolatileMosquitto, influxd: Influxd, tmp_path: Path
+    volatile_broker: VolatileMosquitto, influxd: Influxd, tmp_path: Path
 ) -> None:
-    out = await run_broker_kill("broker", killable, influxd, tmp_path)
+    out = await run_broker_kill("broker", volatile_broker, influxd, tmp_path)
     sys.stderr.write(f"delivery broker (control): {out}\n")
     assert out.published_at_kill - out.stored_before_kill > 500
     assert out.unconfirmed_at_kill == 0  # PUBACK ends a message: nothing kept
